@@ -10,3 +10,9 @@
 #include <stowage/core/tensor_desc.hpp>
 #include <stowage/module/module_tree.hpp>
 #include <stowage/module/module_tree_json.hpp>
+#include <stowage/core/diagnostics.hpp>
+#include <stowage/storage/concepts.hpp>
+#include <stowage/storage/deep_copy.hpp>
+#include <stowage/storage/device.hpp>
+#include <stowage/storage/host.hpp>
+#include <stowage/storage/pinned_host.hpp>

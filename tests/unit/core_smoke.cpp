@@ -12,8 +12,10 @@ TEST_CASE("module tree round-trips through JSON") {
   CHECK(tree.tie_canonical_names().at("b.weight") == "a.weight");
   auto again = stowage::module_tree_from_json(stowage::to_json(tree));
   CHECK(stowage::to_json(again) == stowage::to_json(tree));
-  CHECK_THROWS_AS(stowage::module_tree_from_json_text(R"({"children":[{"name":"x","parameters":[{"name":"w","shape":[-1],"dtype":"float32"}]}]})"),
-                  stowage::json_error);
+  CHECK_THROWS_AS(
+      stowage::module_tree_from_json_text(
+          R"({"children":[{"name":"x","parameters":[{"name":"w","shape":[-1],"dtype":"float32"}]}]})"),
+      stowage::json_error);
 }
 
 TEST_CASE("size strings") {
@@ -21,6 +23,7 @@ TEST_CASE("size strings") {
   CHECK(stowage::parse_memory_size("2.675GiB") == 2872259379u);
   CHECK(stowage::parse_memory_size("1_000MB") == 1000000000u);
   CHECK_THROWS_AS(stowage::parse_memory_size("5k0MB"), stowage::invalid_size);
-  CHECK_THROWS_AS(stowage::parse_memory_size("1000", stowage::size_syntax::accelerate), stowage::invalid_size);
+  CHECK_THROWS_AS(stowage::parse_memory_size("1000", stowage::size_syntax::accelerate),
+                  stowage::invalid_size);
   CHECK(stowage::parse_memory_size("1000") == 1000u);
 }

@@ -35,7 +35,9 @@ class byte_size {
     return eighths_ >= 0 ? eighths_ / 8 : -((-eighths_ + 7) / 8);
   }
   /// Whole bytes, rounded up (what memory actually needs).
-  constexpr std::int64_t ceil_bytes() const noexcept { return -byte_size::from_eighths(-eighths_, false).floor_bytes(); }
+  constexpr std::int64_t ceil_bytes() const noexcept {
+    return -byte_size::from_eighths(-eighths_, false).floor_bytes();
+  }
   /// Whether Python would hold this value as a float (a fractional size took part in it).
   constexpr bool is_float() const noexcept { return float_; }
   constexpr bool is_whole() const noexcept { return eighths_ % 8 == 0; }
@@ -86,8 +88,8 @@ class byte_size {
     }
     s += std::to_string(whole);
     // frac/8 has at most three decimals: 0.125 steps.
-    static constexpr const char* decimals[8] = {".0",  ".125", ".25", ".375",
-                                                ".5",  ".625", ".75", ".875"};
+    static constexpr const char* decimals[8] = {".0", ".125", ".25", ".375",
+                                                ".5", ".625", ".75", ".875"};
     s += decimals[frac];
     return s;
   }

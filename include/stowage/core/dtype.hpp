@@ -108,7 +108,9 @@ static_assert(
     }(),
     "dtype_table must list the dtypes in enumerator order");
 
-constexpr char ascii_lower(char c) noexcept { return c >= 'A' && c <= 'Z' ? char(c - 'A' + 'a') : c; }
+constexpr char ascii_lower(char c) noexcept {
+  return c >= 'A' && c <= 'Z' ? char(c - 'A' + 'a') : c;
+}
 
 }  // namespace detail
 

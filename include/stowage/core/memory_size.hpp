@@ -75,8 +75,7 @@ inline bool py_float(std::string_view s, double& out) {
         clean += c;
         prev_digit = true;
         ++i;
-      } else if (c == '_' && prev_digit && i + 1 < s.size() && s[i + 1] >= '0' &&
-                 s[i + 1] <= '9') {
+      } else if (c == '_' && prev_digit && i + 1 < s.size() && s[i + 1] >= '0' && s[i + 1] <= '9') {
         prev_digit = false;
         ++i;
       } else {
@@ -112,7 +111,9 @@ inline bool py_float(std::string_view s, double& out) {
   return end == clean.c_str() + clean.size();
 }
 
-constexpr char ascii_upper(char c) noexcept { return c >= 'a' && c <= 'z' ? char(c - 'a' + 'A') : c; }
+constexpr char ascii_upper(char c) noexcept {
+  return c >= 'a' && c <= 'z' ? char(c - 'a' + 'A') : c;
+}
 
 inline bool ends_with_ci(std::string_view s, std::string_view upper_suffix) {
   if (s.size() < upper_suffix.size()) return false;
@@ -138,10 +139,14 @@ inline std::uint64_t parse_memory_size(std::string_view s,
   };
   // Checked in this order, as accelerate does (GIB before GB, ...).
   static constexpr unit units[] = {
-      {"TIB", 1099511627776.0, false, true}, {"GIB", 1073741824.0, false, false},
-      {"MIB", 1048576.0, false, false},      {"KIB", 1024.0, false, false},
-      {"TB", 1e12, true, true},              {"GB", 1e9, true, false},
-      {"MB", 1e6, true, false},              {"KB", 1e3, true, false},
+      {"TIB", 1099511627776.0, false, true},
+      {"GIB", 1073741824.0, false, false},
+      {"MIB", 1048576.0, false, false},
+      {"KIB", 1024.0, false, false},
+      {"TB", 1e12, true, true},
+      {"GB", 1e9, true, false},
+      {"MB", 1e6, true, false},
+      {"KB", 1e3, true, false},
   };
   for (const auto& u : units) {
     if (u.extended && syntax != size_syntax::extended) continue;
@@ -150,8 +155,7 @@ inline std::uint64_t parse_memory_size(std::string_view s,
     if (!detail::py_float(s.substr(0, s.size() - u.suffix.size()), v)) detail::bad_size(s);
     const double scaled = v * u.multiplier;
     if (std::isnan(scaled)) detail::bad_size(s, "not a number");
-    if (std::isinf(scaled) || scaled >= 18446744073709551616.0)
-      detail::bad_size(s, "too large");
+    if (std::isinf(scaled) || scaled >= 18446744073709551616.0) detail::bad_size(s, "too large");
     if (scaled <= -1.0) detail::bad_size(s, "negative");
     // int(): truncation toward zero; (-1, 0) truncates to 0 as in Python.
     std::uint64_t bytes = scaled < 0 ? 0 : static_cast<std::uint64_t>(scaled);

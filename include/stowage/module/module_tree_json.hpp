@@ -2,9 +2,9 @@
 // (PyTorch via tools/dump_module_tree.py, a user's own format) can be planned. Schema:
 //   {"class": "ModelForTest",
 //    "parameters": [{"name": "weight", "shape": [4, 3], "dtype": "float32"}],
-//    "buffers":    [{"name": "running_mean", "shape": [4], "dtype": "float32", "persistent": true}],
-//    "children":   [{"name": "linear1", "class": "Linear", ...}],
-//    "tied_parameters": [["linear1.weight", "linear3.weight"]]}
+//    "buffers":    [{"name": "running_mean", "shape": [4], "dtype": "float32", "persistent":
+//    true}], "children":   [{"name": "linear1", "class": "Linear", ...}], "tied_parameters":
+//    [["linear1.weight", "linear3.weight"]]}
 // Arrays keep registration order; tied_parameters appears only at the root. Errors name the
 // JSON path of the bad value.
 #pragma once
