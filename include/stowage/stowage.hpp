@@ -25,3 +25,15 @@
 #include <stowage/storage/device.hpp>
 #include <stowage/storage/host.hpp>
 #include <stowage/storage/pinned_host.hpp>
+#include <stowage/exec/cpu/attention.hpp>
+#include <stowage/exec/cpu/embedding.hpp>
+#include <stowage/exec/cpu/linear.hpp>
+#include <stowage/exec/cpu/mlp.hpp>
+#include <stowage/exec/cpu/rms_norm.hpp>
+#include <stowage/exec/cpu/rope.hpp>
+#include <stowage/exec/cpu/sampling.hpp>
+#include <stowage/exec/cpu/weight_ref.hpp>
+#include <stowage/exec/llama_forward.hpp>
+#include <stowage/exec/thread_pool.hpp>
+#include <stowage/text/bpe_tokenizer.hpp>
+#include <stowage/text/unicode_tables.hpp>

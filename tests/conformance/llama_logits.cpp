@@ -1,0 +1,231 @@
+// Conformance: the CPU Llama/Mistral/Qwen2 forward against Transformers 5.24 in float32 on the
+// tiny random models of tools/gen_tiny_models.py (logits of every position, batched last
+// logits, 32 greedy tokens), the bf16-weight path against Transformers run on the same
+// bf16-rounded weights, and the bundled demo model's greedy continuation.
+#include <stowage/checkpoint/safetensors.hpp>
+#include <stowage/exec/llama_forward.hpp>
+#include <stowage/precision/convert.hpp>
+
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace sw = stowage;
+namespace ex = stowage::exec;
+
+namespace {
+
+const std::string fixtures = std::string(STOWAGE_FIXTURES_DIR) + "/tiny/";
+
+nlohmann::json read_json(const std::string& path) {
+  std::ifstream in(path);
+  REQUIRE(in.good());
+  return nlohmann::json::parse(in);
+}
+
+std::vector<float> b64_floats(const std::string& s) {
+  auto val = [](char c) -> int {
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    return c == '+' ? 62 : c == '/' ? 63 : -1;
+  };
+  std::vector<unsigned char> bytes;
+  unsigned acc = 0;
+  int bits = 0;
+  for (char c : s) {
+    const int v = val(c);
+    if (v < 0) continue;
+    acc = (acc << 6) | static_cast<unsigned>(v);
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      bytes.push_back(static_cast<unsigned char>((acc >> bits) & 0xffU));
+    }
+  }
+  std::vector<float> f(bytes.size() / 4);
+  std::memcpy(f.data(), bytes.data(), f.size() * 4);
+  return f;
+}
+
+/// The weights of one safetensors file, optionally re-stored as bfloat16 or float16.
+struct loaded_model {
+  ex::llama_dims dims;
+  sw::checkpoint::safetensors_file file;
+  std::vector<std::unique_ptr<std::vector<std::uint16_t>>> converted;
+  std::unique_ptr<ex::named_llama_weights> weights;
+
+  loaded_model(const std::string& dir, sw::dtype store)
+      : dims(ex::llama_dims::from_file(dir + "/config.json")),
+        file(sw::checkpoint::safetensors_file::open(dir + "/model.safetensors")) {
+    weights = std::make_unique<ex::named_llama_weights>(
+        dims, [&](std::string_view name) -> std::optional<ex::weight_ref> {
+          const auto* e = file.find(name);
+          if (!e) return std::nullopt;
+          const auto v = file.view(*e);
+          REQUIRE(v.desc.dtype == sw::dtype::float32);
+          const auto& sh = v.desc.shape;
+          const std::int64_t rows = sh.rank() == 2 ? sh[0] : 1;
+          const std::int64_t cols = sh.rank() == 2 ? sh[1] : sh[0];
+          const auto* f = reinterpret_cast<const float*>(v.data());
+          if (store == sw::dtype::float32)
+            return ex::weight_ref::from_f32(f, rows, cols, std::string(name));
+          auto buf =
+              std::make_unique<std::vector<std::uint16_t>>(static_cast<std::size_t>(rows * cols));
+          const std::span<const float> src(f, buf->size());
+          if (store == sw::dtype::bfloat16)
+            sw::precision::fp32_to_bf16(src, *buf);
+          else
+            sw::precision::fp32_to_fp16(src, *buf);
+          auto ref = ex::weight_ref::from_bits16(buf->data(), store, rows, cols, std::string(name));
+          converted.push_back(std::move(buf));
+          return ref;
+        });
+  }
+};
+
+float max_abs_diff(std::span<const float> a, std::span<const float> b) {
+  REQUIRE(a.size() == b.size());
+  float m = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) m = std::max(m, std::abs(a[i] - b[i]));
+  return m;
+}
+
+ex::generate_options greedy_options(std::int64_t n, std::vector<std::int64_t> eos = {}) {
+  ex::generate_options o;
+  o.max_new_tokens = n;
+  o.eos_token_ids = std::move(eos);
+  return o;
+}
+
+std::vector<std::int64_t> ids_of(const nlohmann::json& j) {
+  return j.get<std::vector<std::int64_t>>();
+}
+
+}  // namespace
+
+TEST_CASE("tiny models: fp32 logits and greedy tokens match Transformers", "[exec][llama]") {
+  const auto name = GENERATE(as<std::string>{}, "llama_gqa", "llama3_tied", "mistral", "qwen2");
+  INFO("model " << name);
+  const auto fx = read_json(fixtures + name + ".json");
+  loaded_model m(fixtures + fx["model_dir"].get<std::string>(), sw::dtype::float32);
+  ex::thread_pool pool(2);
+  ex::llama_cpu_forward fwd(m.dims, *m.weights, pool);
+  const auto prompt = ids_of(fx["prompt"]);
+  const auto expect_all = b64_floats(fx["logits_all"]["f32le_b64"]);
+  const auto V = static_cast<std::size_t>(m.dims.vocab_size);
+  REQUIRE(expect_all.size() == prompt.size() * V);
+
+  SECTION("all positions in one prefill") {
+    auto cache = fwd.make_cache(1, 64);
+    const auto got = fwd.forward(prompt, 1, cache, ex::logits_mode::all);
+    CHECK(max_abs_diff(got, expect_all) <= 1e-4f);
+  }
+  SECTION("prefill of 3, then one position at a time through the KV cache") {
+    auto cache = fwd.make_cache(1, 64);
+    auto got = fwd.forward(std::span(prompt).first(3), 1, cache, ex::logits_mode::last);
+    CHECK(max_abs_diff(got, std::span(expect_all).subspan(2 * V, V)) <= 1e-4f);
+    for (std::size_t t = 3; t < prompt.size(); ++t) {
+      got = fwd.forward(std::span(prompt).subspan(t, 1), 1, cache, ex::logits_mode::last);
+      CHECK(max_abs_diff(got, std::span(expect_all).subspan(t * V, V)) <= 1e-4f);
+    }
+    CHECK(cache.length() == static_cast<std::int64_t>(prompt.size()));
+  }
+  SECTION("a batch of two equal-length prompts") {
+    std::vector<std::int64_t> flat;
+    for (const auto& row : fx["batch_prompts"]) {
+      const auto r = ids_of(row);
+      flat.insert(flat.end(), r.begin(), r.end());
+    }
+    auto cache = fwd.make_cache(2, 16);
+    const auto got = fwd.forward(flat, 2, cache, ex::logits_mode::last);
+    CHECK(max_abs_diff(got, b64_floats(fx["batch_last_logits"]["f32le_b64"])) <= 1e-4f);
+  }
+  SECTION("32 greedy tokens") {
+    const auto out = fwd.generate(prompt, 1, greedy_options(32));
+    CHECK(out.at(0) == ids_of(fx["greedy_32"]));
+  }
+  SECTION("generation stops after the first EOS token") {
+    const auto greedy = ids_of(fx["greedy_32"]);
+    const std::int64_t eos = greedy[10];
+    const auto first =
+        static_cast<std::size_t>(std::find(greedy.begin(), greedy.end(), eos) - greedy.begin());
+    const auto out = fwd.generate(prompt, 1, greedy_options(32, {eos}));
+    CHECK(out.at(0) ==
+          std::vector<std::int64_t>(greedy.begin(),
+                                    greedy.begin() + static_cast<std::ptrdiff_t>(first) + 1));
+  }
+}
+
+TEST_CASE(
+    "tiny models: bf16 weights with fp32 compute match Transformers on the same rounded weights",
+    "[exec][llama][bf16]") {
+  const auto name = GENERATE(as<std::string>{}, "llama_gqa", "llama3_tied", "mistral", "qwen2");
+  INFO("model " << name);
+  const auto fx = read_json(fixtures + name + ".json");
+  loaded_model m(fixtures + fx["model_dir"].get<std::string>(), sw::dtype::bfloat16);
+  ex::thread_pool pool(2);
+  ex::llama_cpu_forward fwd(m.dims, *m.weights, pool);
+  const auto prompt = ids_of(fx["prompt"]);
+  auto cache = fwd.make_cache(1, 64);
+  const auto got = fwd.forward(prompt, 1, cache, ex::logits_mode::all);
+  // Transformers ran the bf16-rounded weights in float32: same inputs, only summation order
+  // differs, so the fp32 tolerance holds.
+  CHECK(max_abs_diff(got, b64_floats(fx["logits_all_bf16_weights"]["f32le_b64"])) <= 1e-4f);
+  const auto out = fwd.generate(prompt, 1, greedy_options(32));
+  CHECK(out.at(0) == ids_of(fx["greedy_32_bf16_weights"]));
+}
+
+TEST_CASE("tiny models: fp16 weights stay close to the fp32 logits", "[exec][llama][fp16]") {
+  const auto fx = read_json(fixtures + "llama_gqa.json");
+  loaded_model m(fixtures + fx["model_dir"].get<std::string>(), sw::dtype::float16);
+  ex::thread_pool pool(1);
+  ex::llama_cpu_forward fwd(m.dims, *m.weights, pool);
+  auto cache = fwd.make_cache(1, 64);
+  const auto got = fwd.forward(ids_of(fx["prompt"]), 1, cache, ex::logits_mode::all);
+  // float16 keeps 11 significant bits: the rounding of every weight moves logits of order 1-10
+  // by a few 1e-3 (bf16's 8 bits move them ~10x more, hence its own fixture above).
+  CHECK(max_abs_diff(got, b64_floats(fx["logits_all"]["f32le_b64"])) <= 2e-2f);
+}
+
+TEST_CASE("the bundled tiny-llama demo continues its prompt as Transformers does",
+          "[exec][llama][demo]") {
+  const auto fx = read_json(fixtures + "tiny_llama_demo.json");
+  const std::string dir = std::string(STOWAGE_EXAMPLES_DIR) + "/models/tiny-llama";
+  loaded_model m(dir, sw::dtype::float32);
+  ex::llama_cpu_forward fwd(m.dims, *m.weights);
+  const auto gen = read_json(dir + "/generation_config.json");
+  ex::generate_options o;
+  o.max_new_tokens = gen["max_new_tokens"].get<std::int64_t>();
+  o.eos_token_ids = {gen["eos_token_id"].get<std::int64_t>()};
+  const auto out = fwd.generate(ids_of(fx["prompt_ids"]), 1, o);
+  CHECK(out.at(0) == ids_of(fx["greedy_ids"]));
+}
+
+TEST_CASE("bad inputs are typed errors", "[exec][llama]") {
+  const auto fx = read_json(fixtures + "qwen2.json");
+  loaded_model m(fixtures + fx["model_dir"].get<std::string>(), sw::dtype::float32);
+  ex::llama_cpu_forward fwd(m.dims, *m.weights);
+  auto cache = fwd.make_cache(1, 4);
+  const std::vector<std::int64_t> bad{1, m.dims.vocab_size};
+  CHECK_THROWS_AS(fwd.forward(bad, 1, cache), sw::invalid_size);
+  const std::vector<std::int64_t> too_long{1, 2, 3, 4, 5};
+  CHECK_THROWS_AS(fwd.forward(too_long, 1, cache), sw::invalid_size);
+  CHECK_THROWS_AS(fwd.forward(too_long, 2, cache), sw::invalid_size);
+  auto d = m.dims;
+  d.hidden_size += 1;
+  auto lookup = [&](std::string_view n) -> std::optional<ex::weight_ref> {
+    const auto v = m.file.view(n);
+    const auto& s = v.desc.shape;
+    return ex::weight_ref::from_f32(reinterpret_cast<const float*>(v.data()),
+                                    s.rank() == 2 ? s[0] : 1, s[s.rank() - 1]);
+  };
+  CHECK_THROWS_AS(ex::named_llama_weights(d, lookup), sw::model_error);
+}
