@@ -37,3 +37,8 @@
 #include <stowage/exec/thread_pool.hpp>
 #include <stowage/text/bpe_tokenizer.hpp>
 #include <stowage/text/unicode_tables.hpp>
+#include <stowage/precision/dynamic_map.hpp>
+#include <stowage/precision/int8.hpp>
+#include <stowage/precision/kernels_cpu.hpp>
+#include <stowage/precision/nf4.hpp>
+#include <stowage/precision/quant_state.hpp>
