@@ -42,3 +42,15 @@
 #include <stowage/precision/kernels_cpu.hpp>
 #include <stowage/precision/nf4.hpp>
 #include <stowage/precision/quant_state.hpp>
+#include <stowage/checkpoint/checkpoint.hpp>
+#include <stowage/checkpoint/convert_checkpoint.hpp>
+#include <stowage/checkpoint/json_strict.hpp>
+#include <stowage/checkpoint/mapped_file.hpp>
+#include <stowage/checkpoint/pickle.hpp>
+#include <stowage/checkpoint/safetensors.hpp>
+#include <stowage/checkpoint/safetensors_writer.hpp>
+#include <stowage/checkpoint/sharded.hpp>
+#include <stowage/checkpoint/torch_zip.hpp>
+#include <stowage/checkpoint/zip_archive.hpp>
+#include <stowage/precision/convert.hpp>
+#include <stowage/storage/offload_folder.hpp>
