@@ -54,3 +54,14 @@
 #include <stowage/checkpoint/zip_archive.hpp>
 #include <stowage/precision/convert.hpp>
 #include <stowage/storage/offload_folder.hpp>
+#include <stowage/dispatch/load.hpp>
+#include <stowage/dispatch/progress.hpp>
+#include <stowage/dispatch/weight_store.hpp>
+#include <stowage/storage/file.hpp>
+#include <stowage/storage/tensor_storage.hpp>
+#include <stowage/module/sizes.hpp>
+#include <stowage/placement/device_map.hpp>
+#include <stowage/placement/devices.hpp>
+#include <stowage/placement/max_memory.hpp>
+#include <stowage/placement/planner.hpp>
+#include <stowage/placement/policies.hpp>
