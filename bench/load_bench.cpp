@@ -1,0 +1,107 @@
+// bench/load_bench.cpp: the stowage half of bench/load_side_by_side.py. Two modes, each printing
+// one JSON line so the script can compare runs made in one session on one machine:
+//   load_bench --memcpy BYTES [--threads N]
+//       this machine's memcpy bandwidth: N threads each copy its share of a BYTES buffer
+//       (pages touched first), best of 5; GB/s counts the bytes copied (= bytes read).
+//   load_bench CHECKPOINT_DIR [--dtype bfloat16] [--threads N] [--window BYTES]
+//       load_checkpoint_and_dispatch of the Llama in CHECKPOINT_DIR (config.json + shards) with
+//       device_map {"": "cpu"}; reports seconds, checkpoint bytes read, GB/s, the bytes of
+//       resident weights and this process's peak RSS (getrusage) before and after loading.
+// Google Benchmark's runner is not used: each measurement is one cold-process run, which is
+// what peak RSS needs.
+#include <stowage/dispatch/load.hpp>
+#include <stowage/models/llama.hpp>
+#include <stowage/precision/floating.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <sys/resource.h>
+
+namespace {
+
+long peak_rss_kib() {
+  rusage ru{};
+  ::getrusage(RUSAGE_SELF, &ru);
+  return ru.ru_maxrss;
+}
+
+int memcpy_bench(std::size_t bytes, unsigned threads) {
+  std::vector<char> src(bytes, 1), dst(bytes, 2);
+  double best = 1e30;
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<std::thread> pool;
+    const std::size_t share = bytes / threads;
+    for (unsigned t = 0; t < threads; ++t)
+      pool.emplace_back([&, t] {
+        const std::size_t b = t * share, n = t + 1 == threads ? bytes - b : share;
+        std::memcpy(dst.data() + b, src.data() + b, n);
+      });
+    for (auto& th : pool) th.join();
+    best = std::min(best,
+                    std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::printf(
+      "{\"mode\": \"memcpy\", \"bytes\": %zu, \"threads\": %u, \"seconds\": %.6f, \"gbps\": %.3f, "
+      "\"check\": %d}\n",
+      bytes, threads, best, static_cast<double>(bytes) / best / 1e9, dst[bytes / 2]);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::fprintf(stderr,
+                 "usage: load_bench --memcpy BYTES [--threads N] | CHECKPOINT_DIR [--dtype D] "
+                 "[--threads N] [--window B]\n");
+    return 2;
+  }
+  unsigned threads = 2;
+  std::string dtype_name = "bfloat16";
+  std::size_t window = std::size_t{64} << 20;
+  for (int i = 2; i + 1 < argc; i += 2) {
+    const std::string k = argv[i];
+    if (k == "--threads") threads = static_cast<unsigned>(std::stoul(argv[i + 1]));
+    if (k == "--dtype") dtype_name = argv[i + 1];
+    if (k == "--window") window = std::stoull(argv[i + 1]);
+  }
+  if (std::string(argv[1]) == "--memcpy") return memcpy_bench(std::stoull(argv[2]), threads);
+  try {
+    const std::string dir = argv[1];
+    const auto cfg = stowage::models::llama_config::from_file(dir + "/config.json");
+    const auto model =
+        stowage::init_empty<stowage::models::llama_for_causal_lm<stowage::precision::fp32>>(cfg);
+    stowage::load_options opts;
+    opts.dtype = stowage::dtype_from_name(dtype_name);
+    opts.threads = threads;
+    opts.staging_window_bytes = window;
+    opts.progress = stowage::progress_mode::never;
+    const long rss_before = peak_rss_kib();
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto res =
+        stowage::load_checkpoint_and_dispatch(model, dir, stowage::device_map{{"", "cpu"}}, opts);
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const auto resident = res.weights().bytes_in(stowage::storage::storage_kind::host);
+    std::printf(
+        "{\"mode\": \"load\", \"seconds\": %.4f, \"bytes_read\": %llu, \"gbps\": %.3f, "
+        "\"resident_bytes\": %llu, "
+        "\"tensors\": %zu, \"threads\": %u, \"window\": %zu, \"peak_rss_kib_before\": %ld, "
+        "\"peak_rss_kib\": %ld}\n",
+        secs, static_cast<unsigned long long>(res.report().bytes_read),
+        static_cast<double>(res.report().bytes_read) / secs / 1e9,
+        static_cast<unsigned long long>(resident), res.weights().size(), threads, window,
+        rss_before, peak_rss_kib());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "load_bench: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,147 @@
+"""Checkpoint loading, stowage vs accelerate, side by side in one run on one machine.
+
+    /opt/stowage-tools-venv/bin/python bench/load_side_by_side.py --bench build-rel/bench/load_bench
+
+1. Makes (once) a ~2 GB sharded float32 checkpoint with transformers: a Llama config sized to
+   ~500M parameters, random init, save_pretrained(max_shard_size="500MB") into
+   /tmp/stowage-load-bench (never committed).
+2. Warms the page cache (reads every file once), then measures in this order, each in a fresh
+   child process under /usr/bin/time -v (peak RSS):
+     - memcpy bandwidth of this machine (load_bench --memcpy, same thread count);
+     - stowage: load_checkpoint_and_dispatch(device_map {"": "cpu"}, dtype bfloat16);
+     - accelerate: load_checkpoint_and_dispatch(model, dir, device_map={"": "cpu"},
+       dtype=torch.bfloat16) on a model built under init_empty_weights.
+   Every load is repeated --repeat times; the best time and the highest peak RSS are reported.
+3. Prints a Markdown table and a JSON summary (targets: >= 3x faster than accelerate, >= 60% of
+   memcpy bandwidth, peak RSS <= resident weights + 256 MB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+CKPT = "/tmp/stowage-load-bench"
+
+
+def make_checkpoint(path: str) -> None:
+    if os.path.exists(os.path.join(path, "model.safetensors.index.json")):
+        return
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=14,
+                                   num_attention_heads=12, num_key_value_heads=12, tie_word_embeddings=False,
+                                   torch_dtype="float32")
+    model = transformers.LlamaForCausalLM(cfg)
+    model.save_pretrained(path, max_shard_size="500MB")
+
+
+def warm(path: str) -> int:
+    total = 0
+    for f in sorted(os.listdir(path)):
+        with open(os.path.join(path, f), "rb") as fh:
+            while True:
+                b = fh.read(1 << 24)
+                if not b:
+                    break
+                total += len(b)
+    return total
+
+
+def timed(cmd: list[str]) -> tuple[dict, int]:
+    """Runs cmd under /usr/bin/time -v; returns its last JSON stdout line and peak RSS (KiB)."""
+    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{cmd} failed:\n{p.stdout}\n{p.stderr}")
+    line = [l for l in p.stdout.splitlines() if l.startswith("{")][-1]
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1))
+    return json.loads(line), rss
+
+
+ACCELERATE_CHILD = r"""
+import json, sys, time, resource, os
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+import torch, transformers
+from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+path = sys.argv[1]
+torch.set_num_threads(int(sys.argv[2]))
+cfg = transformers.AutoConfig.from_pretrained(path)
+with init_empty_weights():
+    model = transformers.LlamaForCausalLM(cfg)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+model = load_checkpoint_and_dispatch(model, path, device_map={"": "cpu"}, dtype=torch.bfloat16)
+secs = time.perf_counter() - t0
+n = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+print(json.dumps({"mode": "accelerate", "seconds": secs, "resident_bytes": n, "peak_rss_kib_before": before,
+                  "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bench", required=True, help="path to the load_bench executable")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--checkpoint", default=CKPT)
+    a = ap.parse_args()
+
+    make_checkpoint(a.checkpoint)
+    size = warm(a.checkpoint)
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model_name = re.search(r"Model name:\s*(.*)", cpu).group(1).strip()
+    ncpu = os.cpu_count()
+
+    mem, _ = timed([a.bench, "--memcpy", str(1 << 30), "--threads", str(a.threads)])
+    st_runs, acc_runs = [], []
+    for _ in range(a.repeat):
+        warm(a.checkpoint)
+        st_runs.append(timed([a.bench, a.checkpoint, "--dtype", "bfloat16", "--threads", str(a.threads)]))
+        warm(a.checkpoint)
+        acc_runs.append(timed([sys.executable, "-c", ACCELERATE_CHILD, a.checkpoint, str(a.threads)]))
+    st = min(st_runs, key=lambda r: r[0]["seconds"])[0]
+    st_rss = max(r[1] for r in st_runs)
+    acc = min(acc_runs, key=lambda r: r[0]["seconds"])[0]
+    acc_rss = max(r[1] for r in acc_runs)
+    # The checkpoint's tensor bytes (what both read), GB/s on those.
+    read = st["bytes_read"]
+    st_gbps = read / st["seconds"] / 1e9
+    acc_gbps = read / acc["seconds"] / 1e9
+    resident = st["resident_bytes"]
+    summary = {
+        "machine": {"cpu": model_name, "cpus": ncpu, "kernel": platform.release()},
+        "checkpoint": {"path": a.checkpoint, "file_bytes": size, "tensor_bytes": read, "tensors": st["tensors"]},
+        "memcpy_gbps": mem["gbps"],
+        "stowage": {"seconds": st["seconds"], "gbps": st_gbps, "peak_rss_mib": st_rss / 1024,
+                    "resident_mib": resident / 2**20, "all_seconds": [r[0]["seconds"] for r in st_runs]},
+        "accelerate": {"seconds": acc["seconds"], "gbps": acc_gbps, "peak_rss_mib": acc_rss / 1024,
+                       "rss_before_load_mib": acc["peak_rss_kib_before"] / 1024,
+                       "resident_mib": acc["resident_bytes"] / 2**20,
+                       "all_seconds": [r[0]["seconds"] for r in acc_runs]},
+        "speedup": acc["seconds"] / st["seconds"],
+        "fraction_of_memcpy": st_gbps / mem["gbps"],
+        "stowage_rss_over_resident_mib": st_rss / 1024 - resident / 2**20,
+        "threads": a.threads,
+    }
+    print(json.dumps(summary, indent=1))
+    print()
+    print("| | time (s) | GB/s (checkpoint bytes) | peak RSS (MiB) | resident weights (MiB) |")
+    print("|---|---|---|---|---|")
+    print(f"| stowage | {st['seconds']:.3f} | {st_gbps:.2f} | {st_rss/1024:.0f} | {resident/2**20:.0f} |")
+    print(f"| accelerate | {acc['seconds']:.3f} | {acc_gbps:.2f} | {acc_rss/1024:.0f} | {acc['resident_bytes']/2**20:.0f} |")
+    print(f"| memcpy ({a.threads} threads) | | {mem['gbps']:.2f} | | |")
+    print(f"\nspeedup {summary['speedup']:.2f}x, {100*summary['fraction_of_memcpy']:.0f}% of memcpy, "
+          f"stowage peak RSS - resident = {summary['stowage_rss_over_resident_mib']:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+// Unit tests of the loading path: errors raised before anything is loaded, interrupted loads
+// that free everything and leave the offload folder complete or absent, injected write
+// failures (ENOSPC), reuse of and merging into existing offload folders, execution devices.
+// Expected tensor bytes come from tests/fixtures/load/cases.json (torch), not from stowage.
+#include <stowage/dispatch/load.hpp>
+#include <stowage/models/llama.hpp>
+#include <stowage/module/module_tree_json.hpp>
+#include <stowage/precision/floating.hpp>
+
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include <unistd.h>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+namespace fs = std::filesystem;
+using namespace stowage;
+using storage::live_allocations;
+using storage::storage_kind;
+
+namespace {
+
+const fs::path load_dir = fs::path(STOWAGE_FIXTURES_DIR) / "load";
+
+module_tree f1_tree() {
+  return load_module_tree(std::string(STOWAGE_FIXTURES_DIR) + "/module_trees/F1.json");
+}
+
+models::llama_for_causal_lm<precision::fp32> llama_model() {
+  const auto cfg =
+      models::llama_config::from_file((load_dir / "llama_st" / "config.json").string());
+  return init_empty<models::llama_for_causal_lm<precision::fp32>>(cfg);
+}
+
+device_map llama_map() {
+  return device_map{{"model.embed_tokens", "cpu"}, {"model.layers.0", "cpu"},
+                    {"model.layers.1", "disk"},    {"model.norm", "disk"},
+                    {"model.rotary_emb", "cpu"},   {"lm_head", "cpu"}};
+}
+
+struct temp_dir {
+  fs::path path;
+  explicit temp_dir(const std::string& tag) {
+    path = fs::temp_directory_path() / ("stowage-" + tag + "-" + std::to_string(::getpid()));
+    fs::remove_all(path);
+    fs::create_directories(path);
+  }
+  ~temp_dir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+};
+
+struct live_snapshot {
+  std::int64_t host = live_allocations(storage_kind::host),
+               pinned = live_allocations(storage_kind::pinned_host),
+               file = live_allocations(storage_kind::file);
+  bool same() const {
+    return host == live_allocations(storage_kind::host) &&
+           pinned == live_allocations(storage_kind::pinned_host) &&
+           file == live_allocations(storage_kind::file);
+  }
+};
+
+std::size_t entries_in(const fs::path& dir) {
+  std::size_t n = 0;
+  for ([[maybe_unused]] const auto& e : fs::directory_iterator(dir)) ++n;
+  return n;
+}
+
+nlohmann::json case_json(const std::string& id) {
+  std::ifstream in(load_dir / "cases.json");
+  const auto all = nlohmann::json::parse(in);
+  for (const auto& c : all["cases"])
+    if (c["id"] == id) return c;
+  FAIL("no case " << id);
+  return {};
+}
+
+std::string hex(std::span<const std::byte> b) {
+  std::string s;
+  char buf[3];
+  for (auto x : b) {
+    std::snprintf(buf, sizeof buf, "%02x", static_cast<unsigned>(x));
+    s += buf;
+  }
+  return s;
+}
+
+}  // namespace
+
+TEST_CASE("a map naming a GPU or disk it cannot serve fails before loading", "[load][errors]") {
+  const auto model = llama_model();
+#if !defined(STOWAGE_WITH_CUDA)
+  device_map gpu{{"model.embed_tokens", "cpu"}, {"model.layers.0", 0},
+                 {"model.layers.1", "cpu"},     {"model.norm", "cpu"},
+                 {"model.rotary_emb", "cpu"},   {"lm_head", "cpu"}};
+  try {
+    (void)load_checkpoint_and_dispatch(model, load_dir / "llama_st", gpu);
+    FAIL("no error");
+  } catch (const device_map_error& e) {
+    CHECK(std::string(e.what()) ==
+          "device map puts `model.layers.0` on GPU 0 but stowage was built without CUDA");
+  }
+#endif
+  CHECK_THROWS_MATCHES(load_checkpoint_and_dispatch(model, load_dir / "llama_st", llama_map()),
+                       device_map_error,
+                       Catch::Matchers::Message(
+                           "At least one of the model submodule will be offloaded to disk, please "
+                           "pass along an `offload_folder`."));
+  device_map partial{{"model.embed_tokens", "cpu"}, {"model.layers", "cpu"}};
+  CHECK_THROWS_WITH(
+      load_checkpoint_and_dispatch(model, load_dir / "llama_st", partial),
+      Catch::Matchers::Contains(
+          "does not give any device for the following parameters: model.norm.weight"));
+}
+
+TEST_CASE("checkpoint paths resolve as accelerate's, with its error texts", "[load][errors]") {
+  const auto tree = f1_tree();
+  temp_dir tmp("resolve");
+  CHECK_THROWS_WITH(load_checkpoint_and_dispatch(tree, tmp.path / "nope"),
+                    Catch::Matchers::StartsWith(
+                        "`checkpoint` should be the path to a file containing a whole state dict"));
+  CHECK_THROWS_WITH(
+      load_checkpoint_and_dispatch(tree, tmp.path),
+      Catch::Matchers::EndsWith(
+          "is not a folder containing a `.index.json` file or a pytorch_model.bin or a "
+          "model.safetensors file"));
+  // A file, a folder, and an index all load.
+  for (const auto& p : {load_dir / "f1_st" / "model.safetensors", load_dir / "f1_st",
+                        load_dir / "f1_bin", load_dir / "f1_bin" / "pytorch_model.bin"}) {
+    INFO(p);
+    const auto r = load_checkpoint_and_dispatch(tree, p);
+    CHECK(r.weights().size() == 9);
+  }
+  const auto m = llama_model();
+  CHECK(load_checkpoint_and_dispatch(m, load_dir / "llama_bin" / "pytorch_model.bin.index.json",
+                                     device_map{{"", "cpu"}})
+            .weights()
+            .size() == 21);
+}
+
+TEST_CASE(
+    "missing, unexpected and mismatched keys are named, strict fails before anything is loaded",
+    "[load][errors]") {
+  temp_dir tmp("strict");
+  // The model has one extra parameter and lacks linear2.bias.
+  module_tree tree("ModelForTest");
+  const auto l1 = tree.add_child(0, "linear1", "Linear");
+  tree.add_parameter(l1, {"weight", {4, 3}, dtype::float32});
+  tree.add_parameter(l1, {"bias", {4}, dtype::float32});
+  const auto bn = tree.add_child(0, "batchnorm", "BatchNorm1d");
+  tree.add_parameter(bn, {"weight", {4}, dtype::float32});
+  tree.add_parameter(bn, {"bias", {4}, dtype::float32});
+  tree.add_buffer(bn, {"running_mean", {4}, dtype::float32, true});
+  tree.add_buffer(bn, {"running_var", {4}, dtype::float32, true});
+  tree.add_buffer(bn, {"num_batches_tracked", {}, dtype::int64, true});
+  const auto l2 = tree.add_child(0, "linear2", "Linear");
+  tree.add_parameter(l2, {"weight", {5, 4}, dtype::float32});
+  tree.add_parameter(l2, {"extra", {2}, dtype::float32});
+  const device_map map{{"linear1", "cpu"}, {"batchnorm", "disk"}, {"linear2", "cpu"}};
+  load_options opts;
+  opts.offload_folder = tmp.path / "off";
+
+  const auto r = load_checkpoint_and_dispatch(tree, load_dir / "f1_st", map, opts);
+  CHECK(r.report().missing_keys == std::vector<std::string>{"linear2.extra"});
+  CHECK(r.report().unexpected_keys == std::vector<std::string>{"linear2.bias"});
+  CHECK_FALSE(r.weights().contains("linear2.extra"));
+  CHECK(r.weights().contains("linear2.weight"));
+  REQUIRE(r.report().warnings.size() >= 2);
+  CHECK_THAT(r.report().warnings[0],
+             Catch::Matchers::StartsWith("Some weights of the model checkpoint at"));
+
+  opts.strict = true;
+  opts.offload_folder = tmp.path / "strict";
+  const live_snapshot before;
+  try {
+    (void)load_checkpoint_and_dispatch(tree, load_dir / "f1_st", map, opts);
+    FAIL("strict load did not throw");
+  } catch (const model_error& e) {
+    CHECK_THAT(e.what(),
+               Catch::Matchers::Contains("Missing key(s) in state_dict: \"linear2.extra\""));
+    CHECK_THAT(e.what(),
+               Catch::Matchers::Contains("Unexpected key(s) in state_dict: \"linear2.bias\""));
+  }
+  CHECK(before.same());
+  CHECK_FALSE(fs::exists(tmp.path / "strict"));
+
+  // A shape mismatch is an error even without strict, and names the tensor.
+  module_tree wrong("ModelForTest");
+  const auto w1 = wrong.add_child(0, "linear1", "Linear");
+  wrong.add_parameter(w1, {"weight", {4, 4}, dtype::float32});
+  wrong.add_parameter(w1, {"bias", {4}, dtype::float32});
+  opts.strict = false;
+  opts.offload_folder = tmp.path / "shape";
+  CHECK_THROWS_WITH(
+      load_checkpoint_and_dispatch(wrong, load_dir / "f1_st", device_map{{"", "disk"}}, opts),
+      Catch::Matchers::Contains(
+          "Trying to set a tensor of shape [4, 3] in \"linear1.weight\" (which has "
+          "shape [4, 4]), this looks incorrect."));
+  CHECK_FALSE(fs::exists(tmp.path / "shape"));
+}
+
+TEST_CASE("an interrupted load frees everything and leaves no offload folder", "[load][atomic]") {
+  const auto model = llama_model();
+  temp_dir tmp("interrupt");
+  for (int after : {1, 5, 12}) {
+    DYNAMIC_SECTION("fail after " << after << " tensors") {
+      load_options opts;
+      opts.offload_folder = tmp.path / "off";
+      opts.dtype = dtype::float16;  // every disk tensor is converted: all become .dat files
+      opts.threads = 2;
+      opts.staging_window_bytes = 1;
+      int seen = 0;
+      opts.on_tensor_loaded = [&](const tensor_loaded_event&) {
+        if (++seen == after) throw std::runtime_error("injected failure");
+      };
+      const live_snapshot before;
+      CHECK_THROWS_WITH(
+          load_checkpoint_and_dispatch(model, load_dir / "llama_st", llama_map(), opts),
+          "injected failure");
+      CHECK(before.same());
+      CHECK_FALSE(fs::exists(tmp.path / "off"));
+      CHECK(entries_in(tmp.path) == 0);  // no temporary folder left beside it
+    }
+  }
+}
+
+TEST_CASE("a write failure in the offload folder is an io_error and leaves nothing half-written",
+          "[load][atomic]") {
+  const auto model = llama_model();
+  temp_dir tmp("enospc");
+  for (int nth : {1, 12, 21}) {
+    DYNAMIC_SECTION("ENOSPC on write " << nth) {
+      load_options opts;
+      opts.offload_folder = tmp.path / "off";
+      opts.dtype = dtype::bfloat16;
+      opts.staging_window_bytes = 1;
+      int writes = 0;
+      opts.inject_write_error = [&](const fs::path&, std::uint64_t, std::size_t) {
+        return ++writes == nth ? ENOSPC : 0;
+      };
+      const live_snapshot before;
+      try {
+        (void)load_checkpoint_and_dispatch(model, load_dir / "llama_st", llama_map(), opts);
+        FAIL("no error");
+      } catch (const io_error& e) {
+        CHECK_THAT(e.what(), Catch::Matchers::Contains(std::strerror(ENOSPC)));
+        CHECK_THAT(e.path(),
+                   Catch::Matchers::Contains("model.") || Catch::Matchers::Contains("index.json"));
+      }
+      CHECK(before.same());
+      CHECK_FALSE(fs::exists(tmp.path / "off"));
+      CHECK(entries_in(tmp.path) == 0);
+    }
+  }
+}
+
+TEST_CASE("a complete offload folder is reused; a foreign one is merged into atomically",
+          "[load][offload]") {
+  const auto model = llama_model();
+  temp_dir tmp("reuse");
+  load_options opts;
+  opts.offload_folder = tmp.path / "off";
+  opts.dtype = dtype::bfloat16;
+  const auto first = load_checkpoint_and_dispatch(model, load_dir / "llama_st", llama_map(), opts);
+  CHECK_FALSE(first.report().offload_folder_reused);
+  CHECK(first.report().offload_bytes_written > 0);
+  const auto files = entries_in(tmp.path / "off");
+
+  // Second load: nothing may be written (every write would fail).
+  opts.inject_write_error = [](const fs::path&, std::uint64_t, std::size_t) { return EIO; };
+  const auto second = load_checkpoint_and_dispatch(model, load_dir / "llama_st", llama_map(), opts);
+  CHECK(second.report().offload_folder_reused);
+  CHECK(second.report().offload_bytes_written == 0);
+  CHECK(entries_in(tmp.path / "off") == files);
+  for (const auto& n : first.weights().names())
+    CHECK(hex(first.view(n).bytes()) == hex(second.view(n).bytes()));
+
+  // Another dtype: the folder no longer matches, the load merges (and an injected failure
+  // then leaves the existing folder exactly as it was).
+  opts.dtype = dtype::float16;
+  int writes = 0;
+  opts.inject_write_error = [&](const fs::path&, std::uint64_t, std::size_t) {
+    return ++writes == 4 ? ENOSPC : 0;
+  };
+  std::ifstream in0(tmp.path / "off" / "index.json");
+  std::stringstream before;
+  before << in0.rdbuf();
+  CHECK_THROWS_AS(load_checkpoint_and_dispatch(model, load_dir / "llama_st", llama_map(), opts),
+                  io_error);
+  std::ifstream in1(tmp.path / "off" / "index.json");
+  std::stringstream after;
+  after << in1.rdbuf();
+  CHECK(before.str() == after.str());
+  CHECK(entries_in(tmp.path / "off") == files);
+
+  opts.inject_write_error = nullptr;
+  opts.keep_in_fp32_modules = {"norm"};
+  const auto third = load_checkpoint_and_dispatch(model, load_dir / "llama_st", llama_map(), opts);
+  CHECK_FALSE(third.report().offload_folder_reused);
+  const auto folder = storage::offload_folder::open(tmp.path / "off");
+  const auto* e = folder.find("model.layers.1.mlp.up_proj.weight");
+  REQUIRE(e);
+  CHECK(e->dtype == dtype::float16);
+  const auto expected = case_json("llama_st_fp16_keep")["expected"];
+  for (const auto& n : third.weights().names()) {
+    INFO(n);
+    CHECK(hex(third.view(n).bytes()) == expected[n]["hex"].get<std::string>());
+  }
+  for (const auto& de : fs::directory_iterator(tmp.path / "off"))
+    CHECK(de.path().filename().string().find("tmp") == std::string::npos);
+}
+
+TEST_CASE("typed models load and bind; ties share one storage", "[load]") {
+  const auto model = llama_model();
+  load_options opts;
+  opts.threads = 1;
+  const auto loaded =
+      load_checkpoint_in_model(model, load_dir / "llama_bin", device_map{{"", "cpu"}}, opts);
+  const auto expected = case_json("llama_st_all_cpu")["expected"];
+  CHECK(loaded.weights.shares_storage("lm_head.weight", "model.embed_tokens.weight"));
+  const auto bound = loaded.weights.bind("model.layers.0.mlp.up_proj.weight",
+                                         model.model.layers[0].mlp.up_proj.weight);
+  CHECK(hex(bound.bytes()) ==
+        expected["model.layers.0.mlp.up_proj.weight"]["hex"].get<std::string>());
+  CHECK(bound.data<float>().size() == 32 * 16);
+  CHECK_THROWS_AS(
+      loaded.weights.bind("model.norm.weight", model.model.layers[0].mlp.up_proj.weight),
+      model_error);
+  CHECK_THROWS_AS(loaded.weights.at("nope"), model_error);
+}
+
+TEST_CASE("execution devices follow accelerate's dispatch_model rules", "[load][dispatch]") {
+  const dispatched_weights cpu_only(weight_store{}, device_map{{"a", "cpu"}, {"b", "disk"}},
+                                    std::nullopt, {});
+  CHECK(cpu_only.main_device() == device::cpu());
+  CHECK(cpu_only.execution_device("b.weight") == device::cpu());
+  CHECK(cpu_only.offloaded("b"));
+  CHECK_FALSE(cpu_only.offloaded("a.weight"));
+
+  const dispatched_weights gpus(weight_store{},
+                                device_map{{"a", 1}, {"b", 0}, {"c", "cpu"}, {"d", "disk"}},
+                                std::nullopt, {});
+  CHECK(gpus.main_device() == device::gpu(0));
+  CHECK(gpus.execution_device("a.x") == device::gpu(1));
+  CHECK(gpus.execution_device("c") == device::gpu(0));
+  CHECK(gpus.execution_device("d.w") == device::gpu(0));
+  CHECK(gpus.execution_device("") == device::gpu(0));
+  CHECK(gpus.offloaded("c"));
+  CHECK(gpus.offloaded("d"));
+  CHECK_FALSE(gpus.offloaded("a"));
+}
