@@ -65,3 +65,5 @@
 #include <stowage/placement/max_memory.hpp>
 #include <stowage/placement/planner.hpp>
 #include <stowage/placement/policies.hpp>
+#include <stowage/dispatch/from_pretrained.hpp>
+#include <stowage/dispatch/offload.hpp>

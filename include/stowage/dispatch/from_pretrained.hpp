@@ -1,0 +1,391 @@
+// stowage/dispatch/from_pretrained.hpp: Transformers' from_pretrained(dir, device_map=...,
+// max_memory=..., offload_folder=...) for the Llama family, in one call:
+//   config.json -> init_empty<Model> -> infer_device_map<Placement> (or a given map / a
+//   run-time strategy string) -> load_checkpoint_and_dispatch -> hooks + offloaded_llama_weights
+//   -> a ready model with forward, generate, hf_device_map, and the tokenizer when the folder
+//   has tokenizer.json.
+// Precision comes from the model type: fp32 / fp16 / bf16 load in that dtype; int8 / nf4 load
+// the checkpoint in the policy's compute dtype and quantize every decoder linear weight on the
+// way into host memory (bitsandbytes' layouts: LLM.int8 row-wise SCB, NF4 block absmax), read by
+// the CPU forward through a row decoder. Quantized checkpoints (already int8/nf4 on disk) are
+// the loader's business, not this file's.
+#pragma once
+
+#include <stowage/config.hpp>
+#include <stowage/core/error.hpp>
+#include <stowage/dispatch/load.hpp>
+#include <stowage/dispatch/offload.hpp>
+#include <stowage/exec/llama_forward.hpp>
+#include <stowage/exec/thread_pool.hpp>
+#include <stowage/models/llama.hpp>
+#include <stowage/models/llama_config.hpp>
+#include <stowage/module/init_empty.hpp>
+#include <stowage/module/to_module_tree.hpp>
+#include <stowage/placement/device_map.hpp>
+#include <stowage/placement/max_memory.hpp>
+#include <stowage/placement/policies.hpp>
+#include <stowage/precision/floating.hpp>
+#include <stowage/precision/int8.hpp>
+#include <stowage/precision/kernels_cpu.hpp>
+#include <stowage/precision/nf4.hpp>
+#include <stowage/precision/quant_state.hpp>
+#include <stowage/text/bpe_tokenizer.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace stowage {
+
+/// Options of from_pretrained (Transformers' keyword arguments, as fields).
+struct pretrained_options {
+  /// Budgets per device; empty: what the machine offers now (measure_max_memory()).
+  stowage::max_memory max_memory;
+  /// Where "disk" entries go (required when the plan puts anything on disk).
+  std::optional<std::filesystem::path> offload_folder;
+  /// Module classes never split; empty: the model's no_split_modules() (LlamaDecoderLayer).
+  std::vector<std::string> no_split;
+  /// Target dtype of floating tensors for a floating-point model type (else the model's).
+  std::optional<stowage::dtype> dtype;
+  /// A device map to use as is (planning skipped).
+  std::optional<stowage::device_map> device_map;
+  /// A run-time placement strategy ("auto", "balanced", "balanced_low_0", "sequential")
+  /// used instead of the Placement template argument (command-line tools).
+  std::optional<std::string> placement;
+  /// How offloaded blocks are brought in (blocks in flight, background reader).
+  offload_options offload;
+  /// Worker threads of the forward (0: the default thread pool).
+  unsigned threads = 0;
+  /// The rest of the loader's options (progress, staging window, test hooks...). Its dtype
+  /// and offload_folder are overridden by the fields above.
+  load_options load;
+};
+
+/// Streaming generation options: exec's options plus a callback per new token.
+struct pretrained_generate_options {
+  std::int64_t max_new_tokens = 32;
+  /// EOS ids; empty: the config's eos_token_id (and generation_config.json's) when known.
+  std::optional<std::vector<std::int64_t>> eos_token_ids;
+  exec::cpu::sampling_options sampling;
+  /// Called with each new token as soon as it is sampled (streaming output).
+  std::function<void(std::int64_t token)> on_token;
+  /// Receives the float32 logits of the last prompt position (before the first sample).
+  std::function<void(std::span<const float> logits)> on_prompt_logits;
+};
+
+namespace detail {
+
+/// Quantized copies of the decoder's linear weights, read through row decoders.
+class quantized_linears {
+ public:
+  enum class kind : std::uint8_t { int8, nf4 };
+  struct int8_entry {
+    precision::quantized_int8 q;
+  };
+  struct nf4_entry {
+    precision::quantized_4bit q;
+    std::vector<float> absmax;  ///< float32 scales (double quantization undone once)
+    std::int64_t cols = 0;
+  };
+
+  static bool is_linear_weight(std::string_view n) {
+    if (!n.starts_with("model.layers.") || !n.ends_with(".weight")) return false;
+    for (std::string_view p : {".q_proj.", ".k_proj.", ".v_proj.", ".o_proj.", ".gate_proj.",
+                               ".up_proj.", ".down_proj."})
+      if (n.find(p) != std::string_view::npos) return true;
+    return false;
+  }
+
+  std::optional<exec::weight_ref> int8(const exec::weight_ref& w) {
+    auto e = std::make_unique<int8_entry>();
+    e->q = precision::quantize_int8(w.data, w.type, static_cast<std::size_t>(w.rows),
+                                    static_cast<std::size_t>(w.cols));
+    exec::weight_ref r = w;
+    r.data = nullptr;
+    r.type = dtype::int8;
+    r.decode = &decode_int8;
+    r.decode_ctx = e.get();
+    bytes_ += e->q.cb.size() + e->q.scb.size() * 4;
+    int8_.push_back(std::move(e));
+    return r;
+  }
+  template <class P>
+  std::optional<exec::weight_ref> four_bit(const exec::weight_ref& w) {
+    auto e = std::make_unique<nf4_entry>();
+    const std::int64_t shape[2] = {w.rows, w.cols};
+    e->q = precision::quantize_4bit(w.data, w.type, shape,
+                                    {.type = P::type,
+                                     .blocksize = P::block_size,
+                                     .double_quant = P::double_quant,
+                                     .offset = {}});
+    // The state's absmax is float32 per block, already dequantized when nested: what
+    // bitsandbytes' dequantize multiplies by.
+    e->absmax = e->q.state.absmax;
+    e->cols = w.cols;
+    exec::weight_ref r = w;
+    r.data = nullptr;
+    r.type = dtype::uint8;
+    r.decode = P::type == precision::quant_type::nf4 ? &decode_4bit<precision::quant_type::nf4>
+                                                     : &decode_4bit<precision::quant_type::fp4>;
+    r.decode_ctx = e.get();
+    bytes_ += e->q.packed.size() + e->absmax.size() * 4;
+    nf4_.push_back(std::move(e));
+    return r;
+  }
+  std::uint64_t bytes() const noexcept { return bytes_; }
+
+ private:
+  static void decode_int8(const void* ctx, std::int64_t r0, std::int64_t r1, float* out) {
+    const auto& q = static_cast<const int8_entry*>(ctx)->q;
+    const auto cols = q.cols;
+    for (auto r = static_cast<std::size_t>(r0); r < static_cast<std::size_t>(r1); ++r)
+      for (std::size_t c = 0; c < cols; ++c)
+        *out++ = precision::int8_dequant_value(q.cb[r * cols + c], q.scb[r]);
+  }
+  template <precision::quant_type Q>
+  static void decode_4bit(const void* ctx, std::int64_t r0, std::int64_t r1, float* out) {
+    const auto* e = static_cast<const nf4_entry*>(ctx);
+    const auto& code = precision::code_table(Q);
+    const std::size_t bs = e->q.state.blocksize;
+    const auto begin = static_cast<std::size_t>(r0 * e->cols),
+               end = static_cast<std::size_t>(r1 * e->cols);
+    const std::uint8_t* packed = e->q.packed.data();
+    for (std::size_t i = begin; i < end; ++i) {
+      const std::uint8_t byte = packed[i / 2];
+      const unsigned nib = (i % 2 == 0) ? (byte >> 4) : (byte & 15u);
+      *out++ = code[nib] * e->absmax[i / bs];
+    }
+  }
+
+  std::vector<std::unique_ptr<int8_entry>> int8_;
+  std::vector<std::unique_ptr<nf4_entry>> nf4_;
+  std::uint64_t bytes_ = 0;
+};
+
+}  // namespace detail
+
+/// A loaded, dispatched Llama-family model ready to run on the CPU. Move-only.
+template <module_type Model>
+class pretrained_model {
+ public:
+  using model_type = Model;
+  using precision_type = typename Model::precision_type;
+
+  const Model& model() const noexcept { return *model_; }
+  const models::llama_config& config() const noexcept { return model_->config; }
+  const exec::llama_dims& dims() const noexcept { return fwd_->dims(); }
+  /// The device map the model was dispatched with (Transformers' model.hf_device_map).
+  const device_map& hf_device_map() const noexcept { return weights_->map(); }
+  const dispatched_weights& weights() const noexcept { return *weights_; }
+  const hook_table& hooks() const noexcept { return hooks_; }
+  /// The planner's fit report (empty when a map was given).
+  const fit_report& plan_report() const noexcept { return plan_report_; }
+  /// The tokenizer of the folder's tokenizer.json, if it has one.
+  const std::optional<text::bpe_tokenizer>& tokenizer() const noexcept { return *tokenizer_; }
+  /// Seconds from config.json to a runnable model (planning + loading + quantizing).
+  double load_seconds() const noexcept { return load_seconds_; }
+  const load_report& report() const noexcept { return weights_->report(); }
+  /// Bytes of quantized weights made on load (int8 / nf4; 0 otherwise).
+  std::uint64_t quantized_bytes() const noexcept { return quant_->bytes(); }
+  const block_prefetcher& prefetcher() const noexcept { return source_->prefetcher(); }
+  /// EOS ids from config.json / generation_config.json.
+  const std::vector<std::int64_t>& eos_token_ids() const noexcept { return eos_; }
+
+  exec::cpu::kv_cache make_cache(std::int64_t batch, std::int64_t capacity) const {
+    return fwd_->make_cache(batch, capacity);
+  }
+  /// Logits ([batch, vocab] for the last position, or [batch, seq, vocab]).
+  std::vector<float> forward(std::span<const std::int64_t> ids, std::int64_t batch,
+                             exec::cpu::kv_cache& cache,
+                             exec::logits_mode mode = exec::logits_mode::last) {
+    return fwd_->forward(ids, batch, cache, mode);
+  }
+  /// One prompt, fresh cache.
+  std::vector<float> forward(std::span<const std::int64_t> ids,
+                             exec::logits_mode mode = exec::logits_mode::last) {
+    auto cache = make_cache(1, static_cast<std::int64_t>(ids.size()));
+    return fwd_->forward(ids, 1, cache, mode);
+  }
+
+  /// Greedy or sampled continuation of one prompt; new tokens only (ending with EOS when one
+  /// was produced). on_token streams them as they come.
+  std::vector<std::int64_t> generate(std::span<const std::int64_t> prompt,
+                                     const pretrained_generate_options& o = {}) {
+    if (o.max_new_tokens < 0) throw invalid_config("generate: max_new_tokens must be >= 0");
+    if (prompt.empty()) throw invalid_size("generate: the prompt is empty");
+    const auto& eos = o.eos_token_ids ? *o.eos_token_ids : eos_;
+    std::vector<std::int64_t> out;
+    if (o.max_new_tokens == 0) return out;
+    auto cache = make_cache(1, static_cast<std::int64_t>(prompt.size()) + o.max_new_tokens);
+    exec::cpu::sampler sampler(o.sampling);
+    auto logits = fwd_->forward(prompt, 1, cache, exec::logits_mode::last);
+    if (o.on_prompt_logits) o.on_prompt_logits(logits);
+    for (std::int64_t step = 0; step < o.max_new_tokens; ++step) {
+      const std::int64_t t = sampler.next(logits);
+      out.push_back(t);
+      if (o.on_token) o.on_token(t);
+      if (std::find(eos.begin(), eos.end(), t) != eos.end() || step + 1 == o.max_new_tokens) break;
+      const std::int64_t one[1] = {t};
+      logits = fwd_->forward(one, 1, cache, exec::logits_mode::last);
+    }
+    return out;
+  }
+
+  template <module_type M, placement_policy P>
+  friend pretrained_model<M> from_pretrained(const std::filesystem::path&,
+                                             const pretrained_options&);
+
+ private:
+  pretrained_model() = default;
+
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<dispatched_weights> weights_;
+  hook_table hooks_;
+  fit_report plan_report_;
+  std::unique_ptr<detail::quantized_linears> quant_ = std::make_unique<detail::quantized_linears>();
+  std::unique_ptr<offloaded_llama_weights> source_;
+  std::unique_ptr<exec::thread_pool> pool_;
+  std::unique_ptr<exec::llama_cpu_forward> fwd_;
+  std::unique_ptr<std::optional<text::bpe_tokenizer>> tokenizer_ =
+      std::make_unique<std::optional<text::bpe_tokenizer>>();
+  std::vector<std::int64_t> eos_;
+  double load_seconds_ = 0;
+};
+
+namespace detail {
+inline void add_eos(std::vector<std::int64_t>& out, const nlohmann::json& v) {
+  if (v.is_number_integer())
+    out.push_back(v.get<std::int64_t>());
+  else if (v.is_array())
+    for (const auto& x : v)
+      if (x.is_number_integer()) out.push_back(x.get<std::int64_t>());
+}
+inline std::vector<std::int64_t> eos_ids_of(const std::filesystem::path& dir) {
+  std::vector<std::int64_t> out;
+  for (const char* f : {"generation_config.json", "config.json"}) {
+    std::ifstream in(dir / f);
+    if (!in) continue;
+    const auto j = nlohmann::json::parse(in, nullptr, false);
+    if (j.is_object() && j.contains("eos_token_id")) {
+      add_eos(out, j["eos_token_id"]);
+      if (!out.empty()) break;
+    }
+  }
+  return out;
+}
+}  // namespace detail
+
+/// Transformers' from_pretrained for the Llama family (llama_for_causal_lm<Precision>).
+/// Throws invalid_config / json_error for a bad config.json (named), checkpoint_error when the
+/// folder has no weights, placement_error when nothing fits, device_map_error for a map naming
+/// a device this build or machine lacks, io_error for offload-folder failures (the folder is
+/// then left complete or absent).
+template <module_type Model, placement_policy Placement = placement::auto_>
+pretrained_model<Model> from_pretrained(const std::filesystem::path& dir,
+                                        const pretrained_options& o = {}) {
+  namespace fs = std::filesystem;
+  using P = typename Model::precision_type;
+  using compute_model = models::llama_for_causal_lm<precision::compute_t<P>>;
+  const auto t0 = std::chrono::steady_clock::now();
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec))
+    throw io_error(dir.string(), "model folder does not exist or is not a folder");
+  if (!fs::is_regular_file(dir / "config.json", ec))
+    throw io_error((dir / "config.json").string(), "the model folder has no config.json");
+  // The checkpoint: an index first (sharded), then one file.
+  fs::path ckpt;
+  for (const char* f : {"model.safetensors.index.json", "model.safetensors",
+                        "pytorch_model.bin.index.json", "pytorch_model.bin"})
+    if (fs::is_regular_file(dir / f, ec)) {
+      ckpt = dir / f;
+      break;
+    }
+  if (ckpt.empty())
+    throw checkpoint_error(dir.string(), "", std::nullopt,
+                           "the model folder has no weights (model.safetensors, "
+                           "model.safetensors.index.json, pytorch_model.bin or its index)");
+
+  pretrained_model<Model> m;
+  const auto config = models::llama_config::from_file((dir / "config.json").string());
+  const auto dims = exec::llama_dims::from_file((dir / "config.json").string());
+  m.model_ = std::make_unique<Model>(init_empty<Model>(config));
+  if (o.dtype && is_quantized_v<P>)
+    throw invalid_config("from_pretrained: `dtype` applies to floating-point model types; " +
+                         std::string(P::name) + " computes in " +
+                         std::string(name(P::compute_dtype)));
+  if (o.dtype && !is_floating_point(*o.dtype))
+    throw invalid_dtype("from_pretrained: dtype " + std::string(name(*o.dtype)) +
+                        " is not a floating-point dtype");
+
+  // The tree the checkpoint is loaded into: the model's own, or its compute-precision twin
+  // for quantized types (weights are quantized after the load).
+  const module_tree tree = [&] {
+    if constexpr (is_quantized_v<P>)
+      return to_module_tree(init_empty<compute_model>(config));
+    else
+      return to_module_tree(*m.model_);
+  }();
+
+  // 1. The device map.
+  device_map map;
+  if (o.device_map) {
+    map = *o.device_map;
+  } else {
+    plan_options po;
+    if (o.no_split.empty())
+      for (auto s : m.model_->no_split_modules()) po.no_split.emplace_back(s);
+    else
+      po.no_split = o.no_split;
+    if (o.dtype) po.dtype = *o.dtype;
+    const max_memory budgets = o.max_memory.empty() ? measure_max_memory() : o.max_memory;
+    // Quantized types plan on their own (smaller) sizes.
+    const module_tree plan_tree = is_quantized_v<P> ? to_module_tree(*m.model_) : tree;
+    plan_result r = o.placement ? infer_device_map(*o.placement, plan_tree, budgets, po)
+                                : infer_device_map<Placement>(plan_tree, budgets, po);
+    map = std::move(r.map);
+    m.plan_report_ = std::move(r.report);
+  }
+
+  // 2. Load and dispatch.
+  load_options lo = o.load;
+  if constexpr (!is_quantized_v<P>) {
+    if (o.dtype) lo.dtype = *o.dtype;
+  }
+  if (o.offload_folder) lo.offload_folder = o.offload_folder;
+  m.weights_ =
+      std::make_unique<dispatched_weights>(load_checkpoint_and_dispatch(tree, ckpt, map, lo));
+  m.hooks_ = make_hooks(*m.weights_);
+
+  // 3. The forward, with quantized linears where the precision asks for them.
+  weight_transform transform;
+  if constexpr (is_quantized_v<P>) {
+    auto* q = m.quant_.get();
+    transform = [q](std::string_view n,
+                    const exec::weight_ref& w) -> std::optional<exec::weight_ref> {
+      if (!detail::quantized_linears::is_linear_weight(n)) return std::nullopt;
+      if constexpr (P::storage_dtype == dtype::int8)
+        return q->int8(w);
+      else
+        return q->template four_bit<P>(w);
+    };
+  }
+  m.source_ = std::make_unique<offloaded_llama_weights>(*m.weights_, dims, o.offload, transform);
+  m.pool_ = o.threads ? std::make_unique<exec::thread_pool>(o.threads) : nullptr;
+  m.fwd_ = std::make_unique<exec::llama_cpu_forward>(
+      dims, *m.source_, m.pool_ ? *m.pool_ : exec::default_thread_pool());
+  if (fs::is_regular_file(dir / "tokenizer.json", ec))
+    *m.tokenizer_ = text::bpe_tokenizer::from_file((dir / "tokenizer.json").string());
+  m.eos_ = detail::eos_ids_of(dir);
+  m.load_seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return m;
+}
+
+}  // namespace stowage

@@ -1,0 +1,650 @@
+// stowage/dispatch/offload.hpp: running a dispatched model. Three pieces, all over the
+// dispatched_weights that load_checkpoint_and_dispatch returns:
+//   - the hook table (accelerate-spec §7.1-§7.3): one hook per placed block with its execution
+//     device (its GPU, else the main device = first GPU of the map, else "cpu"), whether its
+//     weights are offloaded (brought in before each call), and io_same_device on the root, so
+//     outputs come back on the input's device;
+//   - block_prefetcher: brings file-backed blocks in AHEAD of use. While block i computes, a
+//     background reader asks the kernel for block i + 1's pages (MADV_WILLNEED, then
+//     MADV_POPULATE_READ so they are read in large sequential requests), and a finished
+//     block's pages leave the resident set (release_pages). At most `blocks_in_flight` blocks
+//     are requested-and-not-released at any time, so disk reads overlap compute and memory
+//     stays bounded whatever the model size. accelerate has no prefetch at all (§9.17);
+//   - offloaded_llama_weights: the llama_weights_source the CPU forward reads, giving each
+//     decoder layer its weights on its execution device through the prefetcher. Tied
+//     parameters share one storage (the weight_store's alias), so they are one copy wherever
+//     they live.
+// And the tutorial entry points on the same machinery: dispatch_model (re-place a loaded
+// model by a new device map), cpu_offload and disk_offload.
+#pragma once
+
+#include <stowage/config.hpp>
+#include <stowage/core/error.hpp>
+#include <stowage/dispatch/load.hpp>
+#include <stowage/dispatch/weight_store.hpp>
+#include <stowage/exec/cpu/weight_ref.hpp>
+#include <stowage/exec/llama_forward.hpp>
+#include <stowage/module/module_tree.hpp>
+#include <stowage/module/reflection.hpp>
+#include <stowage/module/to_module_tree.hpp>
+#include <stowage/placement/device_map.hpp>
+#include <stowage/placement/devices.hpp>
+#include <stowage/storage/file.hpp>
+#include <stowage/storage/offload_folder.hpp>
+#include <stowage/storage/tensor_storage.hpp>
+#if defined(STOWAGE_WITH_CUDA)
+#include <stowage/storage/device.hpp>
+#endif
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+#include <sys/mman.h>
+
+namespace stowage {
+
+// ---------------------------------------------------------------------------------------------
+// Hooks (accelerate §7.3, dict form as dispatch_model uses it).
+
+/// One hook: what accelerate's AlignDevicesHook on a placed block would do.
+struct block_hook {
+  std::string module;                       ///< the device-map key it serves ("" = the whole model)
+  device placement = device::cpu();         ///< the map's value for it
+  device execution_device = device::cpu();  ///< where it computes
+  bool offload = false;              ///< its weights are brought to the execution device per call
+  bool io_same_device = false;       ///< outputs are sent back to the input's device (root hook)
+  std::vector<std::string> tensors;  ///< every tensor name it covers (aliases included)
+};
+
+/// The hooks of a dispatched model, in the device map's order, then the root hook when the
+/// map has no "" key (accelerate adds hook(main device, io_same_device) on the root).
+struct hook_table {
+  device main_device = device::cpu();
+  std::vector<block_hook> hooks;
+  /// Tie groups: each lists names that share ONE storage (materialised once per device).
+  std::vector<std::vector<std::string>> tied_groups;
+
+  const block_hook* find(std::string_view module) const {
+    for (const auto& h : hooks)
+      if (h.module == module) return &h;
+    return nullptr;
+  }
+  /// The hook whose block covers tensor `name` (longest key), nullptr when none does.
+  const block_hook* hook_for_tensor(std::string_view name) const {
+    const block_hook* best = nullptr;
+    for (const auto& h : hooks) {
+      if (h.tensors.empty()) continue;
+      if (covers(h.module, name) && (!best || h.module.size() > best->module.size())) best = &h;
+    }
+    return best;
+  }
+};
+
+/// Builds the hooks accelerate's dispatch_model attaches (§7.1 step 3, §7.3). `main_override`
+/// replaces the main device (cpu_offload / disk_offload name their execution device).
+inline hook_table make_hooks(const dispatched_weights& w,
+                             std::optional<device> main_override = std::nullopt) {
+  hook_table t;
+  t.main_device = main_override ? *main_override : w.main_device();
+  // Offloaded set: {"disk"} when the main device is the CPU, else {"cpu", "disk"} (§7.1).
+  auto offloaded = [&](device d) { return d.is_disk() || (d.is_cpu() && !t.main_device.is_cpu()); };
+  std::unordered_map<std::string, std::size_t> by_key;
+  for (const auto& [k, d] : w.map()) {
+    block_hook h;
+    h.module = k;
+    h.placement = d;
+    h.execution_device = d.is_accelerator() ? d : t.main_device;
+    h.offload = offloaded(d);
+    h.io_same_device = k.empty();
+    by_key.emplace(k, t.hooks.size());
+    t.hooks.push_back(std::move(h));
+  }
+  // Every stored name goes to the hook of the longest key covering it.
+  for (const auto& n : w.weights().names()) {
+    std::size_t best = t.hooks.size(), best_len = 0;
+    for (std::size_t i = 0; i < t.hooks.size(); ++i) {
+      const auto& k = t.hooks[i].module;
+      if (covers(k, n) && (best == t.hooks.size() || k.size() > best_len)) {
+        best = i;
+        best_len = k.size();
+      }
+    }
+    if (best < t.hooks.size()) t.hooks[best].tensors.push_back(n);
+  }
+  if (!by_key.count("")) {
+    block_hook root;
+    root.module = "";
+    root.placement = t.main_device;
+    root.execution_device = t.main_device;
+    root.io_same_device = true;
+    t.hooks.push_back(std::move(root));
+  }
+  // Tie groups from the store: names sharing one storage.
+  std::unordered_map<const storage::tensor_storage*, std::vector<std::string>> groups;
+  std::vector<const storage::tensor_storage*> order;
+  for (const auto& n : w.weights().names()) {
+    const auto* s = w.weights().find(n);
+    auto& g = groups[s];
+    if (g.empty()) order.push_back(s);
+    g.push_back(n);
+  }
+  for (const auto* s : order)
+    if (groups[s].size() > 1) t.tied_groups.push_back(groups[s]);
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefetch.
+
+/// How offloaded blocks are brought in.
+struct offload_options {
+  /// Blocks requested and not yet released at once (the one computing included); >= 1.
+  /// 2 = double buffering: block i + 1 is read while block i computes.
+  std::size_t blocks_in_flight = 2;
+  /// Read ahead on a background thread (MADV_WILLNEED + MADV_POPULATE_READ); false: only
+  /// MADV_WILLNEED from the calling thread, pages fault in during compute.
+  bool background_reader = true;
+  /// Drop a finished block's pages from the resident set (they stay in the page cache).
+  bool release_after_use = true;
+  /// After the last block, start on the first again (the next forward's first block arrives
+  /// during this one's tail): decode reads every block every token.
+  bool wrap_around = true;
+};
+
+/// What the prefetcher did (tests prove the bound on blocks in flight with these).
+struct prefetch_stats {
+  std::size_t max_in_flight = 0;  ///< most blocks requested-and-not-released at once
+  std::size_t requests = 0;       ///< block fetches started
+  std::size_t waits = 0;          ///< acquires that had to wait for the reader
+  std::size_t releases = 0;       ///< blocks whose pages were released
+  std::uint64_t bytes_requested = 0;
+};
+
+namespace detail {
+/// Page-aligned cover of a region's bytes.
+inline std::pair<void*, std::size_t> region_pages(const storage::file_region& r) noexcept {
+  if (r.size() == 0) return {nullptr, 0};
+  const auto page = static_cast<std::uintptr_t>(storage::detail::page_size());
+  const auto b = reinterpret_cast<std::uintptr_t>(r.data());
+  const std::uintptr_t lo = b / page * page;
+  const std::uintptr_t hi = (b + r.size() + page - 1) / page * page;
+  return {reinterpret_cast<void*>(lo), hi - lo};
+}
+
+/// Brings a region's pages into memory and maps them: one MADV_POPULATE_READ (the kernel
+/// reads in large requests), else one read per page.
+inline void populate_region(const storage::file_region& r) noexcept {
+  const auto [p, n] = region_pages(r);
+  if (!p) return;
+#if defined(MADV_POPULATE_READ)
+  if (::madvise(p, n, MADV_POPULATE_READ) == 0) return;
+#endif
+  const std::size_t page = storage::detail::page_size();
+  volatile std::uint8_t sink = 0;
+  for (std::size_t off = 0; off < r.size(); off += page)
+    sink = static_cast<std::uint8_t>(sink ^ std::to_integer<std::uint8_t>(r.data()[off]));
+  (void)sink;
+}
+}  // namespace detail
+
+/// Brings a ring of blocks (each a list of file regions) in ahead of use, bounded.
+/// acquire(u) before block u computes, release(u) after. Blocks with no file regions are
+/// resident and cost nothing. Thread-safe for one consumer.
+class block_prefetcher {
+ public:
+  block_prefetcher(std::vector<std::vector<const storage::file_region*>> blocks,
+                   offload_options o = {})
+      : blocks_(std::move(blocks)), opts_(o), state_(blocks_.size(), state::idle) {
+    if (opts_.blocks_in_flight == 0)
+      throw invalid_config("offload_options::blocks_in_flight must be at least 1");
+    for (std::size_t i = 0; i < blocks_.size(); ++i)
+      if (!blocks_[i].empty()) file_blocks_.push_back(i);
+    if (opts_.background_reader && !file_blocks_.empty()) reader_ = std::thread([this] { run(); });
+  }
+  block_prefetcher(const block_prefetcher&) = delete;
+  block_prefetcher& operator=(const block_prefetcher&) = delete;
+  ~block_prefetcher() {
+    {
+      std::lock_guard lock(m_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    if (reader_.joinable()) reader_.join();
+  }
+
+  std::size_t size() const noexcept { return blocks_.size(); }
+  bool file_backed(std::size_t u) const { return !blocks_.at(u).empty(); }
+
+  /// Block u is about to compute: make sure it and the next file-backed blocks (up to
+  /// blocks_in_flight in all) are requested, then wait until u's pages are in.
+  void acquire(std::size_t u) {
+    check(u);
+    std::unique_lock lock(m_);
+    std::vector<std::size_t> want;
+    for (std::size_t step = 0; step < blocks_.size() && want.size() < opts_.blocks_in_flight;
+         ++step) {
+      const std::size_t v = u + step;
+      if (v >= blocks_.size() && !opts_.wrap_around) break;
+      const std::size_t b = v % blocks_.size();
+      if (!blocks_[b].empty()) want.push_back(b);
+    }
+    for (std::size_t b : want)
+      if (state_[b] == state::idle) request(b, lock);
+    if (blocks_[u].empty()) return;
+    if (state_[u] != state::ready) {
+      ++stats_.waits;
+      cv_done_.wait(lock, [&] { return state_[u] == state::ready; });
+    }
+  }
+
+  /// Block u is done: its pages leave the resident set and its slot is free.
+  void release(std::size_t u) {
+    check(u);
+    std::unique_lock lock(m_);
+    if (blocks_[u].empty() || state_[u] == state::idle) return;
+    // A block still being read is released after the reader is done with it.
+    cv_done_.wait(lock, [&] { return state_[u] != state::requested; });
+    if (opts_.release_after_use)
+      for (const auto* r : blocks_[u]) r->release_pages();
+    state_[u] = state::idle;
+    --in_flight_;
+    ++stats_.releases;
+  }
+
+  /// Blocks requested and not released now.
+  std::size_t in_flight() const {
+    std::lock_guard lock(m_);
+    return in_flight_;
+  }
+  prefetch_stats stats() const {
+    std::lock_guard lock(m_);
+    return stats_;
+  }
+  const offload_options& options() const noexcept { return opts_; }
+
+ private:
+  enum class state : std::uint8_t { idle, requested, ready };
+
+  void check(std::size_t u) const {
+    if (u >= blocks_.size())
+      throw invalid_size("block_prefetcher: block " + std::to_string(u) + " of " +
+                         std::to_string(blocks_.size()));
+  }
+  void request(std::size_t b, std::unique_lock<std::mutex>& lock) {
+    state_[b] = state::requested;
+    ++in_flight_;
+    ++stats_.requests;
+    stats_.max_in_flight = std::max(stats_.max_in_flight, in_flight_);
+    for (const auto* r : blocks_[b]) stats_.bytes_requested += r->size();
+    if (reader_.joinable()) {
+      queue_.push_back(b);
+      cv_.notify_one();
+    } else {
+      // No reader: ask the kernel to read ahead and let compute fault the pages in.
+      lock.unlock();
+      for (const auto* r : blocks_[b]) r->will_need();
+      lock.lock();
+      state_[b] = state::ready;
+    }
+  }
+  void run() {
+    std::unique_lock lock(m_);
+    while (true) {
+      cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+      if (stop_) return;
+      const std::size_t b = queue_.front();
+      queue_.pop_front();
+      lock.unlock();
+      // The whole block's readahead is queued first, then its pages are mapped region by
+      // region: the disk sees one long sequence of requests.
+      for (const auto* r : blocks_[b]) r->will_need();
+      for (const auto* r : blocks_[b]) detail::populate_region(*r);
+      lock.lock();
+      state_[b] = state::ready;
+      cv_done_.notify_all();
+    }
+  }
+
+  std::vector<std::vector<const storage::file_region*>> blocks_;
+  std::vector<std::size_t> file_blocks_;
+  offload_options opts_;
+  mutable std::mutex m_;
+  std::condition_variable cv_, cv_done_;
+  std::deque<std::size_t> queue_;
+  std::vector<state> state_;
+  std::size_t in_flight_ = 0;
+  prefetch_stats stats_;
+  bool stop_ = false;
+  std::thread reader_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// The Llama source over dispatched weights.
+
+/// Replaces the ref of a named weight (quantized layouts plug their row decoder in here);
+/// nullopt keeps the stored one.
+using weight_transform =
+    std::function<std::optional<exec::weight_ref>(std::string_view name, const exec::weight_ref&)>;
+
+namespace detail {
+/// A stored tensor as the CPU kernels read it: [rows, cols] (1-D: one row).
+inline exec::weight_ref ref_of(const weight_view& v) {
+  if (!v.storage->host_accessible())
+    throw device_map_error("tensor `" + v.desc.name + "` lives in " +
+                           std::string(storage::to_string(v.kind)) +
+                           " memory; the CPU forward reads host or file storage only (GPU "
+                           "blocks run through exec/cuda)");
+  const auto& s = v.desc.shape;
+  exec::weight_ref r;
+  r.data = static_cast<const std::byte*>(v.data());
+  r.type = v.desc.dtype;
+  r.rows = s.rank() >= 2 ? s[0] : 1;
+  r.cols = s.rank() >= 2 ? s.numel() / std::max<std::int64_t>(s[0], 1) : s.numel();
+  r.name = v.desc.name;
+  return r;
+}
+}  // namespace detail
+
+/// The weights of a dispatched Llama-family model, one decoder layer (block) at a time on its
+/// execution device. Resident blocks are served in place; file-backed blocks go through a
+/// block_prefetcher (blocks 0..N-1, then the final norm + lm_head as one more block).
+class offloaded_llama_weights final : public exec::llama_weights_source {
+ public:
+  offloaded_llama_weights(const dispatched_weights& w, const exec::llama_dims& d,
+                          offload_options o = {}, const weight_transform& transform = {})
+      : w_(w), dims_(d) {
+    std::unordered_set<std::string> replaced;  // names the transform serves (never read)
+    for (const auto& [k, dev] : w.map())
+      if (dev.is_accelerator())
+        throw device_map_error(
+            "offloaded_llama_weights: the device map puts `" + (k.empty() ? std::string("") : k) +
+            "` on " + dev.to_string() +
+            "; the CPU forward runs blocks whose execution device is the CPU (GPU blocks run "
+            "through the CUDA forward in exec/cuda)");
+    inner_ = std::make_unique<exec::named_llama_weights>(
+        d, [&](std::string_view name) -> std::optional<exec::weight_ref> {
+          if (!w.weights().contains(name)) return std::nullopt;
+          auto ref = detail::ref_of(w.view(name));
+          if (transform)
+            if (auto t = transform(name, ref)) {
+              replaced.emplace(name);
+              return t;
+            }
+          return ref;
+        });
+    // Blocks: the file regions each one reads (a tie group's region once).
+    const auto nl = static_cast<std::size_t>(d.num_layers);
+    std::vector<std::vector<const storage::file_region*>> blocks(nl + 1);
+    auto add = [&](std::size_t b, const std::string& name) {
+      const auto* s = w.weights().find(name);
+      if (!s || !s->region()) return;
+      if (replaced.count(name)) return;  // served by the transform, never read
+      const auto* r = s->region();
+      auto& list = blocks[b];
+      if (std::find(list.begin(), list.end(), r) == list.end()) list.push_back(r);
+    };
+    for (std::size_t i = 0; i < nl; ++i) {
+      const std::string p = "model.layers." + std::to_string(i) + ".";
+      for (const auto& n : w.weights().names())
+        if (n.starts_with(p)) add(i, n);
+    }
+    add(nl, "model.norm.weight");
+    add(nl, d.tie_word_embeddings && !w.weights().contains("lm_head.weight")
+                ? std::string("model.embed_tokens.weight")
+                : std::string("lm_head.weight"));
+    if (const auto* s = w.weights().find("model.embed_tokens.weight"); s && s->region())
+      embed_region_ = s->region();
+    prefetch_ = std::make_unique<block_prefetcher>(std::move(blocks), o);
+  }
+
+  exec::weight_ref embed_tokens() override {
+    // A new forward: the previous one's head block is done.
+    if (head_acquired_) {
+      prefetch_->release(head_block());
+      head_acquired_ = false;
+    }
+    return inner_->embed_tokens();
+  }
+  exec::llama_layer_weights layer(std::int64_t i) override {
+    const auto u = block_index(i);
+    if (i == 0 && embed_region_ && prefetch_->options().release_after_use &&
+        !shares_head(embed_region_))
+      embed_region_->release_pages();  // only the prompt's rows were read
+    prefetch_->acquire(u);
+    return inner_->layer(i);
+  }
+  void release_layer(std::int64_t i) override { prefetch_->release(block_index(i)); }
+  exec::weight_ref final_norm() override {
+    acquire_head();
+    return inner_->final_norm();
+  }
+  exec::weight_ref lm_head() override {
+    acquire_head();
+    return inner_->lm_head();
+  }
+
+  const block_prefetcher& prefetcher() const noexcept { return *prefetch_; }
+  const dispatched_weights& weights() const noexcept { return w_; }
+
+ private:
+  std::size_t head_block() const noexcept { return static_cast<std::size_t>(dims_.num_layers); }
+  std::size_t block_index(std::int64_t i) const {
+    if (i < 0 || i >= dims_.num_layers)
+      throw invalid_size("offloaded_llama_weights: layer " + std::to_string(i) + " of " +
+                         std::to_string(dims_.num_layers));
+    return static_cast<std::size_t>(i);
+  }
+  void acquire_head() {
+    if (head_acquired_) return;
+    prefetch_->acquire(head_block());
+    head_acquired_ = true;
+  }
+  bool shares_head(const storage::file_region* r) const {
+    const auto* h = w_.weights().find("lm_head.weight");
+    return h && h->region() == r;
+  }
+
+  const dispatched_weights& w_;
+  exec::llama_dims dims_;
+  std::unique_ptr<exec::named_llama_weights> inner_;
+  std::unique_ptr<block_prefetcher> prefetch_;
+  const storage::file_region* embed_region_ = nullptr;
+  bool head_acquired_ = false;
+};
+
+// ---------------------------------------------------------------------------------------------
+// dispatch_model / cpu_offload / disk_offload (accelerate §7.1, §7.4).
+
+/// Options of dispatch_model.
+struct dispatch_options {
+  /// Where "disk" entries are written (required when the map has any; an existing folder
+  /// whose index.json already holds a tensor is reused for it, as accelerate does).
+  std::optional<std::filesystem::path> offload_folder;
+  /// The execution device of "cpu"/"disk" blocks (default: first GPU of the map, else "cpu").
+  std::optional<device> main_device;
+};
+
+namespace detail {
+inline storage::tensor_storage host_copy(const storage::tensor_storage& s) {
+  auto out = storage::tensor_storage::allocate_host(s.desc());
+  if (s.size() != 0) std::memcpy(out.mutable_data(), s.data(), s.size());
+  return out;
+}
+}  // namespace detail
+
+/// A dispatched model: its weights, the hooks that run it, and its hf_device_map.
+struct dispatched_model {
+  dispatched_weights weights;
+  hook_table hooks;
+  const device_map& hf_device_map() const noexcept { return weights.map(); }
+};
+
+/// accelerate's dispatch_model for a model whose weights are loaded (a weight_store, as
+/// load_checkpoint_in_model returns): every tensor moves to the storage its new map entry
+/// names — "disk" entries are written to the offload folder (atomically: temporary names, then
+/// rename, index.json last) and then served from it; "cpu" entries stay in (or come back to)
+/// host memory; GPU entries need a CUDA build. What already lives where the map says is not
+/// copied. Ties stay one storage. device_map_error for a map that misses a tensor (named).
+inline dispatched_model dispatch_model(const module_tree& tree, weight_store&& weights,
+                                       const device_map& map, const dispatch_options& o = {}) {
+  validate_device_map(tree, map);
+  bool any_disk = false;
+  for (const auto& [k, d] : map) {
+    any_disk = any_disk || d.is_disk();
+    if (d.is_mps()) throw device_map_error("device map puts `" + k + "` on \"mps\"");
+#if !defined(STOWAGE_WITH_CUDA)
+    if (d.is_gpu())
+      throw device_map_error(
+          "device map puts " + (k.empty() ? std::string("the whole model") : "`" + k + "`") +
+          " on GPU " + std::to_string(d.index()) + " but stowage was built without CUDA");
+#endif
+  }
+  std::optional<std::filesystem::path> folder;
+  if (any_disk) {
+    if (!o.offload_folder) {
+      std::string mods;
+      for (const auto& [k, d] : map)
+        if (d.is_disk()) mods += (mods.empty() ? "" : ", ") + k;
+      throw device_map_error(
+          "We need an `offload_dir` to dispatch this model according to this `device_map`, the "
+          "following submodules need to be offloaded: " +
+          mods + ".");
+    }
+    folder = std::filesystem::absolute(*o.offload_folder).lexically_normal();
+    if (folder->filename().empty()) folder = folder->parent_path();
+  }
+  auto parts = std::move(weights).extract();
+  // 1. Write every "disk" tensor not already in the folder (nothing visible until commit).
+  std::optional<storage::offload_folder> existing;
+  if (folder && std::filesystem::is_regular_file(*folder / "index.json"))
+    existing = storage::offload_folder::open(*folder);
+  std::vector<char> to_disk(parts.size(), 0);
+  {
+    std::optional<storage::offload_folder_writer> writer;
+    for (std::size_t i = 0; i < parts.size(); ++i) {
+      auto& s = parts[i].storage;
+      const auto d = map.device_for(s.desc().name);
+      if (!d) throw device_map_error(s.desc().name + " doesn't have any device set.");
+      if (!d->is_disk() || s.size() == 0) continue;  // empty tensors stay in memory (§9.13)
+      to_disk[i] = 1;
+      if (s.kind() == storage::storage_kind::file && s.region()->path().parent_path() == *folder)
+        continue;
+      if (existing && existing->find(s.desc().name)) {
+        const auto* e = existing->find(s.desc().name);
+        if (!e->safetensors_file && e->dtype == s.desc().dtype && e->shape == s.desc().shape)
+          continue;
+      }
+      if (!writer) writer.emplace(*folder);
+      writer->add(s.desc().name, s.desc().dtype, s.desc().shape, s.bytes());
+    }
+    if (writer) writer->commit();
+  }
+  // 2. Re-place.
+  std::vector<std::string> canonical;
+  for (const auto& p : parts) canonical.push_back(p.storage.desc().name);
+  weight_store out;
+  for (std::size_t i = 0; i < parts.size(); ++i) {
+    auto& s = parts[i].storage;
+    const auto d = *map.device_for(s.desc().name);
+    storage::tensor_storage placed;
+    if (to_disk[i]) {
+      if (s.kind() == storage::storage_kind::file && s.region()->path().parent_path() == *folder)
+        placed = std::move(s);
+      else
+        placed = storage::tensor_storage::from_file(
+            s.desc(), storage::file_region(*folder / (s.desc().name + ".dat"), 0, s.size()));
+    } else if (d.is_gpu()) {
+#if defined(STOWAGE_WITH_CUDA)
+      placed = storage::tensor_storage::allocate_device(s.desc(), d.index());
+      if (s.size() != 0) {
+        if (s.kind() == storage::storage_kind::device)
+          storage::cuda_check(
+              cudaMemcpy(placed.mutable_data(), s.data(), s.size(), cudaMemcpyDeviceToDevice),
+              "dispatch_model: cudaMemcpy between GPUs");
+        else
+          storage::cuda_check(
+              cudaMemcpy(placed.mutable_data(), s.data(), s.size(), cudaMemcpyHostToDevice),
+              "dispatch_model: cudaMemcpy to GPU");
+      }
+#endif
+    } else if (s.kind() == storage::storage_kind::host ||
+               s.kind() == storage::storage_kind::pinned_host) {
+      placed = std::move(s);
+    } else {
+#if defined(STOWAGE_WITH_CUDA)
+      if (s.kind() == storage::storage_kind::device) {
+        placed = storage::tensor_storage::allocate_host(s.desc());
+        if (s.size() != 0)
+          storage::cuda_check(
+              cudaMemcpy(placed.mutable_data(), s.data(), s.size(), cudaMemcpyDeviceToHost),
+              "dispatch_model: cudaMemcpy to host");
+      } else
+#endif
+        placed = detail::host_copy(s);
+    }
+    out.add(std::move(placed));
+  }
+  // Ties last, as the loader adds them: names keep their order.
+  for (std::size_t i = 0; i < parts.size(); ++i)
+    for (const auto& a : parts[i].aliases) out.alias(a, canonical[i]);
+  dispatched_weights dw(std::move(out), map, folder, load_report{});
+  auto hooks = make_hooks(dw, o.main_device);
+  return dispatched_model{std::move(dw), std::move(hooks)};
+}
+
+/// Typed models.
+template <module_type Model>
+dispatched_model dispatch_model(const Model& model, weight_store&& weights, const device_map& map,
+                                const dispatch_options& o = {}) {
+  return dispatch_model(to_module_tree(model), std::move(weights), map, o);
+}
+
+/// accelerate's cpu_offload: every weight in host memory, the whole model offloaded to it and
+/// computed on `execution_device` (weights brought there block by block when it is a GPU).
+inline dispatched_model cpu_offload(const module_tree& tree, weight_store&& weights,
+                                    device execution_device = device::cpu()) {
+  auto m = dispatch_model(tree, std::move(weights), device_map{{"", device::cpu()}},
+                          {.offload_folder = std::nullopt, .main_device = execution_device});
+  for (auto& h : m.hooks.hooks) h.offload = true;  // cpu_offload hooks always offload
+  return m;
+}
+template <module_type Model>
+dispatched_model cpu_offload(const Model& model, weight_store&& weights,
+                             device execution_device = device::cpu()) {
+  return cpu_offload(to_module_tree(model), std::move(weights), execution_device);
+}
+
+/// accelerate's disk_offload: every weight written to `folder` (unless its index.json already
+/// holds it) and served from there, computed on `execution_device`. Unlike accelerate (which
+/// needs the whole state dict in RAM once, §9.17) each tensor is written from where it lives
+/// and its memory handed back as the model is re-placed.
+inline dispatched_model disk_offload(const module_tree& tree, weight_store&& weights,
+                                     const std::filesystem::path& folder,
+                                     device execution_device = device::cpu()) {
+  return dispatch_model(tree, std::move(weights), device_map{{"", device::disk()}},
+                        {.offload_folder = folder, .main_device = execution_device});
+}
+template <module_type Model>
+dispatched_model disk_offload(const Model& model, weight_store&& weights,
+                              const std::filesystem::path& folder,
+                              device execution_device = device::cpu()) {
+  return disk_offload(to_module_tree(model), std::move(weights), folder, execution_device);
+}
+
+}  // namespace stowage

@@ -1,0 +1,260 @@
+// Offload hooks and prefetch (accelerate-spec §7): execution devices per block, the main
+// device, io_same_device on the root only, tied weights stored once, dispatch_model /
+// cpu_offload / disk_offload re-placing a loaded model, and the prefetcher's bound on blocks
+// in flight.
+#include <stowage/dispatch/load.hpp>
+#include <stowage/dispatch/offload.hpp>
+#include <stowage/models/llama.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <unistd.h>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+namespace sw = stowage;
+namespace fs = std::filesystem;
+using model_t = sw::models::llama_for_causal_lm<sw::precision::fp32>;
+
+namespace {
+
+const std::string tiny = std::string(STOWAGE_FIXTURES_DIR) + "/tiny/models/";
+
+struct temp_dir {
+  fs::path path;
+  temp_dir() {
+    path = fs::temp_directory_path() / ("stowage-dispatch-offload-" + std::to_string(::getpid()) +
+                                        "-" + std::to_string(counter()++));
+    fs::remove_all(path);
+    fs::create_directories(path);
+  }
+  ~temp_dir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+  static int& counter() {
+    static int c = 0;
+    return c;
+  }
+};
+
+sw::module_tree tree_of(const std::string& name) {
+  const auto cfg = sw::models::llama_config::from_file(tiny + name + "/config.json");
+  return sw::to_module_tree(sw::init_empty<model_t>(cfg));
+}
+
+sw::dispatched_weights load(const std::string& name, const sw::device_map& map,
+                            const std::optional<fs::path>& folder = std::nullopt) {
+  sw::load_options o;
+  o.offload_folder = folder;
+  o.progress = sw::progress_mode::never;
+  return sw::load_checkpoint_and_dispatch(tree_of(name), tiny + name + "/model.safetensors", map,
+                                          o);
+}
+
+}  // namespace
+
+TEST_CASE("hooks: one per placed block, execution devices and offload flags (§7.1, §7.3)",
+          "[dispatch][hooks]") {
+  temp_dir tmp;
+  const sw::device_map map{
+      {"model.embed_tokens", sw::device::cpu()}, {"model.layers.0", sw::device::cpu()},
+      {"model.layers.1", sw::device::disk()},    {"model.layers.2", sw::device::disk()},
+      {"model.norm", sw::device::cpu()},         {"lm_head", sw::device::disk()}};
+  const auto w = load("llama_gqa", map, tmp.path / "offload");
+
+  SECTION("CPU main device: only disk blocks are offloaded, all execute on the CPU") {
+    const auto t = sw::make_hooks(w);
+    CHECK(t.main_device == sw::device::cpu());
+    REQUIRE(t.hooks.size() == map.size() + 1);  // + the root hook ("" is not a key)
+    for (const auto& [k, d] : map) {
+      const auto* h = t.find(k);
+      REQUIRE(h != nullptr);
+      CHECK(h->execution_device == sw::device::cpu());
+      CHECK(h->offload == d.is_disk());
+      CHECK_FALSE(h->io_same_device);
+      CHECK_FALSE(h->tensors.empty());
+    }
+    const auto* root = t.find("");
+    REQUIRE(root != nullptr);
+    CHECK(root->io_same_device);
+    CHECK_FALSE(root->offload);
+    CHECK(root->tensors.empty());
+    CHECK(t.hook_for_tensor("model.layers.1.mlp.up_proj.weight")->module == "model.layers.1");
+    CHECK(t.hook_for_tensor("lm_head.weight")->module == "lm_head");
+  }
+  SECTION("a GPU main device offloads cpu blocks too and runs them there") {
+    const auto t = sw::make_hooks(w, sw::device::gpu(0));
+    for (const auto& [k, d] : map) {
+      const auto* h = t.find(k);
+      REQUIRE(h != nullptr);
+      CHECK(h->execution_device == sw::device::gpu(0));
+      CHECK(h->offload);  // {"cpu", "disk"} are offloaded when the main device is a GPU
+    }
+    CHECK(t.find("")->execution_device == sw::device::gpu(0));
+  }
+  SECTION("a map with a \"\" key gets no extra root hook, and \"\" has io_same_device") {
+    const auto all = load("llama_gqa", sw::device_map{{"", sw::device::cpu()}});
+    const auto t = sw::make_hooks(all);
+    REQUIRE(t.hooks.size() == 1);
+    CHECK(t.hooks[0].io_same_device);
+    CHECK_FALSE(t.hooks[0].offload);
+    CHECK(t.hooks[0].tensors.size() == all.weights().size());
+  }
+}
+
+TEST_CASE("tied parameters share one storage wherever they live", "[dispatch][ties]") {
+  temp_dir tmp;
+  for (const auto& d : {sw::device::cpu(), sw::device::disk()}) {
+    INFO("placed on " << d.to_string());
+    const auto w = load("llama3_tied", sw::device_map{{"", d}}, tmp.path / d.to_string());
+    CHECK(w.weights().shares_storage("lm_head.weight", "model.embed_tokens.weight"));
+    CHECK(w.weights().storage_count() + 1 == w.weights().size());
+    const auto t = sw::make_hooks(w);
+    REQUIRE(t.tied_groups.size() == 1);
+    CHECK(t.tied_groups[0] ==
+          std::vector<std::string>{"model.embed_tokens.weight", "lm_head.weight"});
+    const auto dims = sw::exec::llama_dims::from_file(tiny + "llama3_tied/config.json");
+    sw::offloaded_llama_weights src(w, dims);
+    const auto e = src.embed_tokens();
+    const auto h = src.lm_head();
+    CHECK(e.data == h.data);  // one copy
+    CHECK(e.data == w.weights().find("model.embed_tokens.weight")->data());
+  }
+}
+
+TEST_CASE("dispatch_model re-places a loaded model; cpu_offload and disk_offload",
+          "[dispatch][dispatch_model]") {
+  temp_dir tmp;
+  const auto tree = tree_of("llama3_tied");
+  auto all_cpu = [&] {
+    sw::load_options o;
+    o.progress = sw::progress_mode::never;
+    return sw::load_checkpoint_in_model(tree, tiny + "llama3_tied/model.safetensors",
+                                        sw::device_map{{"", sw::device::cpu()}}, o);
+  };
+  auto reference = all_cpu();
+  const auto ref_names = reference.weights.names();
+
+  SECTION("a split map writes the disk blocks to the folder and keeps the rest in memory") {
+    auto loaded = all_cpu();
+    const sw::device_map map{{"model.embed_tokens", sw::device::cpu()},
+                             {"model.layers.0", sw::device::cpu()},
+                             {"model.layers.1", sw::device::disk()},
+                             {"model.norm", sw::device::disk()},
+                             {"lm_head", sw::device::cpu()}};
+    const auto folder = tmp.path / "split";
+    auto m = sw::dispatch_model(tree, std::move(loaded.weights), map,
+                                {.offload_folder = folder, .main_device = std::nullopt});
+    CHECK(loaded.weights.size() == 0);  // moved out, nothing copied twice
+    CHECK(fs::is_regular_file(folder / "index.json"));
+    CHECK(fs::is_regular_file(folder / "model.layers.1.mlp.up_proj.weight.dat"));
+    CHECK_FALSE(fs::exists(folder / "model.layers.0.mlp.up_proj.weight.dat"));
+    CHECK(m.hf_device_map() == map);
+    CHECK(m.weights.weights().names() == ref_names);
+    CHECK(m.weights.weights().at("model.layers.1.mlp.up_proj.weight").kind() ==
+          sw::storage::storage_kind::file);
+    CHECK(m.weights.weights().at("model.layers.0.mlp.up_proj.weight").kind() ==
+          sw::storage::storage_kind::host);
+    CHECK(m.weights.weights().shares_storage("lm_head.weight", "model.embed_tokens.weight"));
+    for (const auto& n : ref_names) {
+      const auto a = m.weights.weights().at(n).bytes();
+      const auto b = reference.weights.at(n).bytes();
+      REQUIRE(a.size() == b.size());
+      CHECK(std::equal(a.begin(), a.end(), b.begin()));
+    }
+    CHECK(m.hooks.find("model.layers.1")->offload);
+    CHECK_FALSE(m.hooks.find("model.layers.0")->offload);
+  }
+  SECTION("disk_offload: everything served from the folder; a second call reuses it") {
+    auto loaded = all_cpu();
+    const auto folder = tmp.path / "disk";
+    auto m = sw::disk_offload(tree, std::move(loaded.weights), folder);
+    for (const auto& n : ref_names)
+      CHECK(m.weights.weights().at(n).kind() == sw::storage::storage_kind::file);
+    CHECK(m.hooks.find("")->offload);
+    CHECK(m.hooks.find("")->io_same_device);
+    const auto mtime = fs::last_write_time(folder / "index.json");
+    auto again = sw::disk_offload(tree, std::move(all_cpu().weights), folder);
+    CHECK(fs::last_write_time(folder / "index.json") == mtime);
+    // And back: dispatch_model to "cpu" copies the bytes into memory again.
+    (void)again;
+    auto back = sw::dispatch_model(tree, std::move(m.weights).release_weights(),
+                                   sw::device_map{{"", sw::device::cpu()}});
+    for (const auto& n : ref_names) {
+      const auto& s = back.weights.weights().at(n);
+      CHECK(s.kind() == sw::storage::storage_kind::host);
+      const auto a = s.bytes();
+      const auto b = reference.weights.at(n).bytes();
+      CHECK(std::equal(a.begin(), a.end(), b.begin(), b.end()));
+    }
+    CHECK(back.weights.weights().shares_storage("lm_head.weight", "model.embed_tokens.weight"));
+  }
+  SECTION("cpu_offload: weights in host memory, offloaded hooks on the execution device") {
+    auto loaded = all_cpu();
+    auto m = sw::cpu_offload(tree, std::move(loaded.weights), sw::device::gpu(0));
+    CHECK(m.hooks.main_device == sw::device::gpu(0));
+    CHECK(m.hooks.find("")->execution_device == sw::device::gpu(0));
+    CHECK(m.hooks.find("")->offload);
+    for (const auto& n : ref_names)
+      CHECK(m.weights.weights().at(n).kind() == sw::storage::storage_kind::host);
+  }
+  SECTION("a disk map without a folder names the modules to offload") {
+    auto loaded = all_cpu();
+    CHECK_THROWS_WITH(sw::dispatch_model(tree, std::move(loaded.weights),
+                                         sw::device_map{{"", sw::device::disk()}}),
+                      Catch::Contains("We need an `offload_dir`"));
+  }
+  SECTION("a map missing a tensor is rejected before anything moves") {
+    auto loaded = all_cpu();
+    CHECK_THROWS_AS(sw::dispatch_model(tree, std::move(loaded.weights),
+                                       sw::device_map{{"model", sw::device::cpu()}}),
+                    sw::device_map_error);
+    CHECK(loaded.weights.size() == ref_names.size());
+  }
+}
+
+TEST_CASE("block_prefetcher keeps at most blocks_in_flight blocks requested",
+          "[dispatch][prefetch]") {
+  temp_dir tmp;
+  const auto file = tmp.path / "blocks.bin";
+  const std::size_t block_bytes = 1 << 16, n = 6;
+  {
+    std::ofstream out(file, std::ios::binary);
+    std::vector<char> buf(block_bytes * n, 'x');
+    out.write(buf.data(), static_cast<std::streamsize>(buf.size()));
+  }
+  std::vector<sw::storage::file_region> regions;
+  for (std::size_t i = 0; i < n; ++i) regions.emplace_back(file, i * block_bytes, block_bytes);
+  for (const bool reader : {true, false})
+    for (std::size_t k : {1u, 2u, 3u}) {
+      INFO("blocks_in_flight " << k << (reader ? " (reader thread)" : " (madvise only)"));
+      std::vector<std::vector<const sw::storage::file_region*>> blocks(n + 1);
+      for (std::size_t i = 0; i < n; ++i) blocks[i] = {&regions[i]};
+      // Block n is resident (no file regions): it costs nothing and is never counted.
+      sw::block_prefetcher p(std::move(blocks), {.blocks_in_flight = k,
+                                                 .background_reader = reader,
+                                                 .release_after_use = true,
+                                                 .wrap_around = true});
+      std::size_t peak = 0;
+      for (int pass = 0; pass < 2; ++pass)
+        for (std::size_t u = 0; u <= n; ++u) {
+          p.acquire(u);
+          peak = std::max(peak, p.in_flight());
+          CHECK(p.in_flight() <= k);
+          p.release(u);
+        }
+      const auto s = p.stats();
+      CHECK(s.max_in_flight == k);
+      CHECK(peak == k);
+      CHECK(s.releases == 2 * n);
+      // Every file block fetched once a pass (plus what the wrap requested for the next pass).
+      CHECK(s.requests >= 2 * n);
+      CHECK(s.requests <= 2 * n + k);
+      CHECK(p.in_flight() == s.requests - s.releases);
+    }
+  CHECK_THROWS_AS(sw::block_prefetcher({}, {.blocks_in_flight = 0}), sw::invalid_config);
+}
