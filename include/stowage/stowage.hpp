@@ -67,3 +67,4 @@
 #include <stowage/placement/policies.hpp>
 #include <stowage/dispatch/from_pretrained.hpp>
 #include <stowage/dispatch/offload.hpp>
+#include <stowage/dispatch/quantized_weights.hpp>

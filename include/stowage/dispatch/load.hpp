@@ -32,12 +32,20 @@
 #include <stowage/core/dtype.hpp>
 #include <stowage/core/error.hpp>
 #include <stowage/dispatch/progress.hpp>
+#include <stowage/dispatch/quantized_weights.hpp>
 #include <stowage/dispatch/weight_store.hpp>
 #include <stowage/module/module_tree.hpp>
 #include <stowage/module/reflection.hpp>
 #include <stowage/module/to_module_tree.hpp>
 #include <stowage/placement/device_map.hpp>
+#include <stowage/precision/bnb_config.hpp>
+#include <stowage/precision/bnb_serialize.hpp>
+#include <stowage/precision/concepts.hpp>
 #include <stowage/precision/convert.hpp>
+#include <stowage/precision/int8.hpp>
+#include <stowage/precision/kernels_cpu.hpp>
+#include <stowage/precision/nf4.hpp>
+#include <stowage/precision/quant_state.hpp>
 #include <stowage/storage/file.hpp>
 #include <stowage/storage/offload_folder.hpp>
 #include <stowage/storage/tensor_storage.hpp>
@@ -67,6 +75,7 @@
 #include <string_view>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -114,6 +123,21 @@ struct load_options {
   /// makes that write fail with it (ENOSPC, EIO, ...).
   std::function<int(const std::filesystem::path& file, std::uint64_t offset, std::size_t bytes)>
       inject_write_error;
+  /// Quantize-on-load (bitsandbytes layouts, docs/loading.md "Quantized loading"): the weights
+  /// of the Linear modules Transformers would replace (precision::modules_to_quantize: not the
+  /// output embeddings, tied weights or the last module unless `llm_int8_skip_modules`
+  /// replaces that list; never keep_in_fp32_modules) are converted to `dtype` (else the
+  /// model's floating dtype, else the checkpoint's) and quantized as they stream in. Each is
+  /// stored as the packed weight plus its state tensors under bitsandbytes' state-dict names
+  /// (`<w>.absmax`, `<w>.quant_map`, ..., `<module>.SCB`). Already-quantized weights in the
+  /// checkpoint are loaded as they are whatever this says. Unset: the checkpoint folder's
+  /// config.json `quantization_config` (when read_quantization_config), else no quantization.
+  std::optional<precision::bnb_config> quantization;
+  /// The module get_output_embeddings() returns (never quantized); "" for none.
+  std::string output_embeddings = "lm_head";
+  /// Read `quantization_config` from config.json next to the checkpoint. Like Transformers,
+  /// a checkpoint's own config wins over `quantization` (with a warning) when both are set.
+  bool read_quantization_config = true;
 };
 
 /// What a load did.
@@ -128,6 +152,10 @@ struct load_report {
   std::uint64_t offload_bytes_referenced = 0;  ///< served from the checkpoint, not copied
   bool offload_folder_reused = false;
   double seconds = 0;
+  /// The bitsandbytes config in effect (options or config.json); nullopt: none.
+  std::optional<precision::bnb_config> quantization;
+  std::size_t quantized_on_load = 0;  ///< weights quantized while loading
+  std::size_t prequantized = 0;       ///< weights the checkpoint held quantized (loaded as is)
 };
 
 /// The result of load_checkpoint_in_model.
@@ -217,6 +245,19 @@ struct load_item {
   std::atomic<std::size_t> chunks_left{0};
   int fd = -1;  ///< open .dat while writing
   std::filesystem::path write_path, final_path;
+  /// Quantize-on-load: the weight is converted to `quant_input`, then quantized chunk by chunk
+  /// into the packed target; `scales` collects the per-block absmax (4-bit) or per-row SCB
+  /// (int8); `states` are the state tensors made when the last chunk is done.
+  enum class quant_mode : std::uint8_t { none, four_bit, int8 } quant = quant_mode::none;
+  dtype quant_input = dtype::float32;
+  stowage::shape original_shape;  ///< [out_features, in_features] before packing
+  std::vector<float> scales;
+  struct state_out {
+    tensor_desc desc;
+    std::vector<std::uint8_t> bytes;
+    std::filesystem::path write_path, final_path;  ///< "disk" only
+  };
+  std::vector<state_out> states;
 };
 
 struct load_task {
@@ -240,9 +281,13 @@ struct offload_guard {
     if (!armed) return;
     std::error_code ec;
     if (temp_dir) std::filesystem::remove_all(*temp_dir, ec);
-    for (auto& it : *items)
+    for (auto& it : *items) {
       if (it->disk_dat && !it->write_path.empty() && it->write_path != it->final_path)
         std::filesystem::remove(it->write_path, ec);
+      for (auto& st : it->states)
+        if (!st.write_path.empty() && st.write_path != st.final_path)
+          std::filesystem::remove(st.write_path, ec);
+    }
   }
 };
 
@@ -357,6 +402,103 @@ inline bool entry_matches(const storage::offload_entry& e, const load_item& it,
   return !ec && sz == it.target.nbytes();
 }
 
+/// The bitsandbytes `quantization_config` of the config.json next to a checkpoint (in the
+/// folder, or beside the file / index); nullopt when there is none. A config.json that is not
+/// JSON is not the loader's business and is ignored; a malformed quantization_config block is
+/// a json_error naming the file.
+inline std::optional<precision::bnb_config> checkpoint_quantization_config(
+    const std::filesystem::path& ckpt) {
+  std::error_code ec;
+  const auto dir = std::filesystem::is_directory(ckpt, ec) ? ckpt : ckpt.parent_path();
+  const auto path = dir / "config.json";
+  if (!std::filesystem::is_regular_file(path, ec)) return std::nullopt;
+  nlohmann::json j;
+  {
+    checkpoint::mapped_file f(path);
+    const auto* b = reinterpret_cast<const char*>(f.data());
+    j = nlohmann::json::parse(b, b + f.size(), nullptr, false);
+  }
+  if (j.is_discarded() || !j.is_object()) return std::nullopt;
+  const auto q = j.find("quantization_config");
+  if (q == j.end() || q->is_null()) return std::nullopt;
+  return precision::bnb_config_from_json(*q, path.string() + ": quantization_config");
+}
+
+/// Whether two configs quantize the same way (what a weight's bytes depend on).
+inline bool same_quantization(const precision::bnb_config& a, const precision::bnb_config& b) {
+  if (a.load_in_8bit != b.load_in_8bit || a.load_in_4bit != b.load_in_4bit) return false;
+  if (a.load_in_8bit) return true;
+  return a.bnb_4bit_quant_type == b.bnb_4bit_quant_type &&
+         a.bnb_4bit_use_double_quant == b.bnb_4bit_use_double_quant && a.blocksize == b.blocksize;
+}
+
+/// Quantizes elements [0, n) of one load chunk (`in`, dtype `in_type`) of a weight whose flat
+/// chunk starts at `first` into `out` (packed bytes / int8 rows of the chunk) and `scales`
+/// (the whole weight's absmax / SCB). The kernels are called on pieces of at most their
+/// parallel grain (64 Ki elements, or one row), so they run inline on this worker: the load's
+/// own threads are the parallelism, and no two workers contend for the kernel pool.
+inline void quantize_chunk(const load_item& it, const precision::bnb_config& c, const std::byte* in,
+                           dtype in_type, std::uint64_t first, std::uint64_t n, std::byte* out,
+                           float* scales) {
+  const std::size_t es = element_size(in_type);
+  if (it.quant == load_item::quant_mode::four_bit) {
+    const std::size_t bs = c.blocksize;
+    const std::uint64_t piece = std::max<std::uint64_t>(bs, (std::uint64_t{1} << 16) / bs * bs);
+    for (std::uint64_t p = 0; p < n; p += piece) {
+      const std::uint64_t m = std::min(piece, n - p);
+      precision::quantize_4bit_raw(
+          in + p * es, in_type, static_cast<std::size_t>(m), c.bnb_4bit_quant_type, bs,
+          reinterpret_cast<std::uint8_t*>(out) + p / 2, scales + (first + p) / bs);
+    }
+    return;
+  }
+  const auto cols = static_cast<std::uint64_t>(it.target.shape[1]);
+  const std::uint64_t rows_per = std::max<std::uint64_t>(1, (std::uint64_t{1} << 16) / cols);
+  const std::uint64_t rows = n / cols;
+  for (std::uint64_t r = 0; r < rows; r += rows_per) {
+    const std::uint64_t m = std::min(rows_per, rows - r);
+    precision::quantize_int8_rowwise_raw(
+        in + r * cols * es, in_type, static_cast<std::size_t>(m), static_cast<std::size_t>(cols),
+        reinterpret_cast<std::int8_t*>(out) + r * cols, scales + first / cols + r);
+  }
+}
+
+/// The state tensors of a weight quantized on load, once every chunk is done: bitsandbytes'
+/// QuantState.as_dict(packed=True) under `<weight>.` (4-bit) or Linear8bitLt's SCB and
+/// weight_format under `<module>.` (int8). Same calls as stowage-convert, same bytes.
+inline void finish_quantized(load_item& it, const precision::bnb_config& c) {
+  const stowage::shape& original = it.original_shape;
+  std::vector<precision::state_tensor> st;
+  std::string prefix;
+  if (it.quant == load_item::quant_mode::four_bit) {
+    precision::quant_state_4bit q;
+    q.type = c.bnb_4bit_quant_type;
+    q.blocksize = c.blocksize;
+    q.original_dtype = it.quant_input;
+    q.shape.assign(original.begin(), original.end());
+    q.absmax = std::move(it.scales);
+    if (c.bnb_4bit_use_double_quant) precision::double_quantize(q);
+    st = precision::quant_state_tensors(q);
+    prefix = it.name + ".";
+  } else {
+    precision::quantized_int8 q;
+    q.rows = static_cast<std::size_t>(original[0]);
+    q.cols = static_cast<std::size_t>(original[1]);
+    q.scb = std::move(it.scales);
+    st = precision::int8_state_tensors(q);
+    prefix = it.name.substr(0, it.name.size() - 6);  // "<module>."
+  }
+  it.scales.clear();
+  it.scales.shrink_to_fit();
+  for (auto& t : st)
+    it.states.push_back(
+        {tensor_desc{prefix + t.suffix, stowage::shape(std::span<const std::int64_t>(t.shape)),
+                     t.type},
+         std::move(t.bytes),
+         {},
+         {}});
+}
+
 }  // namespace detail
 
 /// Loads `checkpoint_path` (a file, an index JSON, or a folder; accelerate §6.1 step 4) into
@@ -431,10 +573,123 @@ inline loaded_weights load_checkpoint_in_model(const module_tree& tree,
   std::vector<std::string> ckpt_order;
   for (std::size_t i = 0; i < reader.files().files.size(); ++i) {
     for (auto& d : reader.shard(i)->tensors()) {
-      if (d.name.find("SCB") != std::string::npos) continue;  // bitsandbytes statistics
+      // bitsandbytes statistics are skipped (accelerate), except a Linear8bitLt's own
+      // `<module>.SCB`, which a quantized checkpoint needs.
+      if (d.name.find("SCB") != std::string::npos &&
+          !(d.name.ends_with(".SCB") &&
+            model.count(d.name.substr(0, d.name.size() - 3) + "weight")))
+        continue;
       std::string n = d.name;
       if (ckpt.insert_or_assign(n, ckpt_tensor{std::move(d), i}).second)
         ckpt_order.push_back(std::move(n));
+    }
+  }
+
+  // ---- 3b. Quantization: weights the checkpoint holds quantized (loaded as they are, with
+  // their state tensors), and the Linear weights to quantize on the way in. -------------------
+  std::optional<precision::bnb_config> qcfg = opts.quantization;
+  if (opts.read_quantization_config)
+    if (auto c = detail::checkpoint_quantization_config(checkpoint_path)) {
+      if (qcfg && !detail::same_quantization(*qcfg, *c)) {
+        std::string s = "load: a quantization config was passed but the checkpoint at " +
+                        checkpoint_path.string() +
+                        " has its own quantization_config (config.json); the checkpoint's is used";
+        warn(s);
+        report.warnings.push_back(std::move(s));
+      }
+      qcfg = *c;
+    }
+  if (qcfg) qcfg->validate();
+  report.quantization = qcfg;
+  std::unordered_set<std::string> as_stored;  // loaded byte for byte as the checkpoint has them
+  std::unordered_map<std::string, detail::load_item::quant_mode> to_quantize;
+  {
+    std::vector<std::string> new_order;
+    auto has = [&](const std::string& k) { return ckpt.count(k) != 0; };
+    for (const auto& n : order) {
+      new_order.push_back(n);
+      auto& mt = model.at(n);
+      const auto cw = ckpt.find(n);
+      if (mt.is_buffer || cw == ckpt.end()) continue;
+      const auto& wd = cw->second.desc;
+      const std::string file = reader.files().files[cw->second.shard].string();
+      std::vector<std::string> companions;
+      const std::string js = detail::quant_state_key(n, has);
+      const std::string scb = detail::scb_key(n);
+      if (!js.empty()) {
+        const auto h = detail::parse_quant_state_json(
+            reader.files().files[ckpt.at(js).shard].string(), js, reader.view(js).bytes);
+        if (stowage::shape(std::span<const std::int64_t>(h.shape)) != mt.entry.shape)
+          throw model_error("checkpoint " + file + ": quantized `" + n + "` has shape " +
+                            stowage::shape(std::span<const std::int64_t>(h.shape)).to_string() +
+                            " (its QuantState), the model's is " + mt.entry.shape.to_string());
+        if (wd.nbytes() != (h.numel() + 1) / 2)
+          throw checkpoint_error(file, n, std::nullopt,
+                                 "packed 4-bit weight holds " + std::to_string(wd.nbytes()) +
+                                     " bytes, its shape needs " +
+                                     std::to_string((h.numel() + 1) / 2));
+        for (auto suffix : precision::quant_state_suffixes)
+          if (has(n + "." + std::string(suffix)))
+            companions.push_back(n + "." + std::string(suffix));
+        for (const char* required : {"absmax", "quant_map"})
+          if (!has(n + "." + required))
+            throw checkpoint_error(file, n + "." + required, std::nullopt,
+                                   "bitsandbytes 4-bit state tensor missing");
+      } else if (!scb.empty() && has(scb) && wd.dtype == dtype::int8) {
+        if (wd.shape != mt.entry.shape)
+          throw model_error("checkpoint " + file + ": int8 `" + n + "` has shape " +
+                            wd.shape.to_string() + ", the model's is " +
+                            mt.entry.shape.to_string());
+        const auto& sd = ckpt.at(scb).desc;
+        if (sd.dtype != dtype::float32 || sd.shape != stowage::shape{wd.shape[0]})
+          throw checkpoint_error(file, scb, std::nullopt,
+                                 "LLM.int8 SCB must be float32 [" + std::to_string(wd.shape[0]) +
+                                     "], got " + std::string(name(sd.dtype)) + " " +
+                                     sd.shape.to_string());
+        companions.push_back(scb);
+        const std::string fmt = n.substr(0, n.size() - 6) + "weight_format";
+        if (has(fmt)) companions.push_back(fmt);
+      } else {
+        continue;
+      }
+      ++report.prequantized;
+      as_stored.insert(n);
+      mt.entry.shape = wd.shape;
+      mt.entry.dtype = wd.dtype;
+      for (auto& c : companions) {
+        if (model.count(c)) continue;
+        const auto& cd = ckpt.at(c).desc;
+        model.emplace(c, model_tensor{tensor_entry{c, cd.shape, cd.dtype, true}, false});
+        as_stored.insert(c);
+        new_order.push_back(std::move(c));
+      }
+    }
+    order = std::move(new_order);
+    if (qcfg) {
+      const auto kind = qcfg->load_in_4bit ? detail::load_item::quant_mode::four_bit
+                                           : detail::load_item::quant_mode::int8;
+      for (const auto& m : precision::modules_to_quantize(tree, *qcfg, opts.output_embeddings)) {
+        std::string w = m + ".weight";
+        if (as_stored.count(w) || !model.count(w) || !ckpt.count(w)) continue;
+        if (detail::keep_in_fp32(opts.keep_in_fp32_modules, w)) continue;
+        // llm_int8_enable_fp32_cpu_offload: Transformers keeps offloaded modules unquantized.
+        if (qcfg->llm_int8_enable_fp32_cpu_offload)
+          if (const auto d = map.device_for(w);
+              d && (d->is_disk() || (d->is_cpu() && main_dev.is_gpu())))
+            continue;
+        const auto& cd = ckpt.at(w);
+        const std::string file = reader.files().files[cd.shard].string();
+        if (!is_floating_point(cd.desc.dtype))
+          throw checkpoint_error(file, w, std::nullopt,
+                                 "quantize on load: weight is " + std::string(name(cd.desc.dtype)) +
+                                     ", not floating point (and not a bitsandbytes-quantized "
+                                     "weight: no QuantState / SCB found)");
+        if (cd.desc.shape.rank() != 2)
+          throw checkpoint_error(
+              file, w, std::nullopt,
+              "quantize on load: a Linear weight must be 2-D, got " + cd.desc.shape.to_string());
+        to_quantize.emplace(std::move(w), kind);
+      }
     }
   }
 
@@ -516,7 +771,19 @@ inline loaded_weights load_checkpoint_in_model(const module_tree& tree,
     item->shard = cd.shard;
     const dtype from = cd.desc.dtype;
     dtype to = mt.entry.dtype;
-    if (is_floating_point(from) && opts.dtype) {
+    const auto quant = to_quantize.find(c);
+    if (as_stored.count(c)) {
+      to = from;  // packed weights and state tensors are never converted
+    } else if (quant != to_quantize.end()) {
+      // Converted to this float dtype first, then quantized (QuantState's `dtype`).
+      to = opts.dtype && is_floating_point(*opts.dtype) ? *opts.dtype
+           : is_floating_point(mt.entry.dtype)          ? mt.entry.dtype
+                                                        : from;
+      if (to != dtype::float32 && to != dtype::float16 && to != dtype::bfloat16)
+        throw model_error("checkpoint " + reader.files().files[cd.shard].string() + ": `" + c +
+                          "` would be quantized from " + std::string(name(to)) +
+                          " (float32/float16/bfloat16 only)");
+    } else if (is_floating_point(from) && opts.dtype) {
       to = *opts.dtype;
       if (!opts.keep_in_fp32_modules.empty() && detail::keep_in_fp32(opts.keep_in_fp32_modules, c))
         to = dtype::float32;
@@ -528,6 +795,20 @@ inline loaded_weights load_checkpoint_in_model(const module_tree& tree,
                         src->second + "` is " + std::string(name(from)) + ", the model wants " +
                         std::string(name(to)) + ", and stowage cannot convert between them");
     item->target = tensor_desc{c, mt.entry.shape, to};
+    if (quant != to_quantize.end()) {
+      item->quant = quant->second;
+      item->quant_input = to;
+      item->original_shape = mt.entry.shape;
+      const auto numel = static_cast<std::uint64_t>(mt.entry.shape.numel());
+      if (item->quant == detail::load_item::quant_mode::four_bit) {
+        const auto ps = precision::packed_shape(numel);
+        item->target =
+            tensor_desc{c, stowage::shape(std::span<const std::int64_t>(ps)), dtype::uint8};
+      } else {
+        item->target = tensor_desc{c, mt.entry.shape, dtype::int8};
+      }
+      ++report.quantized_on_load;
+    }
     auto d = map.device_for(c);
     if (!d) throw device_map_error(c + " doesn't have any device set.");
     item->placement = *d;
@@ -558,7 +839,8 @@ inline loaded_weights load_checkpoint_in_model(const module_tree& tree,
     if (it->kind == storage_kind::file) {
       const auto* f = reader.shard(it->shard).get();
       it->disk_reference = f->is_safetensors() && it->source.zero_copy() &&
-                           it->source.desc.dtype == it->target.dtype;
+                           it->source.desc.dtype == it->target.dtype &&
+                           it->quant == detail::load_item::quant_mode::none;
       it->disk_dat = !it->disk_reference;
     }
   }
@@ -576,6 +858,7 @@ inline loaded_weights load_checkpoint_in_model(const module_tree& tree,
   guard.items = &items;
   bool merge = false;
   bool need_writes = false;
+  fs::path state_dir;  // where state tensors of weights quantized on load are written
   if (any_disk) {
     folder = fs::absolute(*opts.offload_folder).lexically_normal();
     if (folder->filename().empty()) folder = folder->parent_path();  // "offload/" -> "offload"
@@ -593,7 +876,9 @@ inline loaded_weights load_checkpoint_in_model(const module_tree& tree,
     for (auto& it : items) {
       if (it->kind != storage_kind::file) continue;
       const storage::offload_entry* e = existing ? existing->find(it->name) : nullptr;
-      if (e && detail::entry_matches(*e, *it, *folder))
+      // A weight quantized on load is always rewritten (with its state tensors).
+      if (e && it->quant == detail::load_item::quant_mode::none &&
+          detail::entry_matches(*e, *it, *folder))
         it->disk_reused = true;
       else
         all_there = false;
@@ -617,6 +902,7 @@ inline loaded_weights load_checkpoint_in_model(const module_tree& tree,
                          "cannot create the temporary offload folder: " + ec.message());
         guard.temp_dir = write_dir;
       }
+      state_dir = write_dir;
       // Every disk tensor gets its file now (preallocated, so a full disk fails before the copy).
       for (auto& it : items) {
         if (it->kind != storage_kind::file) continue;
@@ -685,9 +971,19 @@ inline loaded_weights load_checkpoint_in_model(const module_tree& tree,
     if (!copies) continue;
     ++work_items;
     const std::size_t es = element_size(it.source.desc.dtype);
-    const auto numel = static_cast<std::uint64_t>(it.target.numel());
-    const std::uint64_t per =
-        std::max<std::uint64_t>(1, chunk_bytes / std::max<std::size_t>(es, 1));
+    const auto numel = static_cast<std::uint64_t>(it.source.desc.numel());
+    std::uint64_t per = std::max<std::uint64_t>(1, chunk_bytes / std::max<std::size_t>(es, 1));
+    if (it.quant != detail::load_item::quant_mode::none) {
+      // Chunks hold whole blocks (4-bit) or whole rows (int8): each is quantized on its own.
+      const std::uint64_t unit = it.quant == detail::load_item::quant_mode::four_bit
+                                     ? qcfg->blocksize
+                                     : static_cast<std::uint64_t>(it.original_shape[1]);
+      per = std::max<std::uint64_t>(unit, per / unit * unit);
+      it.scales.assign(it.quant == detail::load_item::quant_mode::four_bit
+                           ? static_cast<std::size_t>(precision::blocks_4bit(numel, unit))
+                           : static_cast<std::size_t>(it.original_shape[0]),
+                       0.0f);
+    }
     std::size_t n = 0;
     for (std::uint64_t b = 0; b < numel; b += per, ++n)
       tasks.push_back({i, b, std::min(per, numel - b)});
@@ -715,7 +1011,7 @@ inline loaded_weights load_checkpoint_in_model(const module_tree& tree,
     stop.store(true);
   };
   auto worker = [&]() {
-    std::vector<std::byte> staging;
+    std::vector<std::byte> staging, qstaging;
 #if defined(STOWAGE_WITH_CUDA)
     std::unique_ptr<void, void (*)(void*)> pinned(nullptr, [](void* p) {
       if (p) cudaFreeHost(p);
@@ -731,8 +1027,11 @@ inline loaded_weights load_checkpoint_in_model(const module_tree& tree,
         const dtype from = it.source.desc.dtype, to = it.target.dtype;
         const std::size_t in_es = element_size(from), out_es = element_size(to);
         const std::byte* src = it.source.data() + t.begin * in_es;
-        const auto in_n = static_cast<std::size_t>(t.count * in_es),
-                   out_n = static_cast<std::size_t>(t.count * out_es);
+        const bool quantized = it.quant != detail::load_item::quant_mode::none;
+        const bool four_bit = it.quant == detail::load_item::quant_mode::four_bit;
+        const auto in_n = static_cast<std::size_t>(t.count * in_es);
+        const auto out_n =
+            static_cast<std::size_t>(four_bit ? (t.count + 1) / 2 : t.count * out_es);
         // Read ahead: the next chunk this worker is likely to take.
         if (k + threads < tasks.size()) {
           const auto& nt = tasks[k + threads];
@@ -744,50 +1043,120 @@ inline loaded_weights load_checkpoint_in_model(const module_tree& tree,
                                    static_cast<std::size_t>(nt.count * nes));
           }
         }
-        switch (it.kind) {
-          case storage_kind::host:
-          case storage_kind::pinned_host: {
-            auto* dst = static_cast<std::byte*>(stores[t.item].mutable_data()) + t.begin * out_es;
-            if (it.source.zero_copy()) detail::populate_read(src, in_n);
-            detail::populate_write(dst, out_n);
-            detail::convert_chunk(src, from, dst, to, static_cast<std::size_t>(t.count));
-            break;
-          }
-          case storage_kind::file: {
-            const std::byte* out = src;
-            if (from != to) {
-              if (staging.size() < out_n) staging.resize(out_n);
-              detail::convert_chunk(src, from, staging.data(), to,
-                                    static_cast<std::size_t>(t.count));
-              out = staging.data();
-            }
-            detail::write_all_at(it.fd, out, out_n, t.begin * out_es, it.write_path, opts);
-            written.fetch_add(out_n, std::memory_order_relaxed);
-            break;
-          }
-          case storage_kind::device: {
-#if defined(STOWAGE_WITH_CUDA)
-            if (pinned_size < out_n) {
-              void* p = nullptr;
-              storage::cuda_check(cudaHostAlloc(&p, out_n, cudaHostAllocPortable),
-                                  "load: cudaHostAlloc (staging)");
-              pinned.reset(p);
-              pinned_size = out_n;
-            }
-            detail::convert_chunk(src, from, static_cast<std::byte*>(pinned.get()), to,
+        if (quantized) {
+          // Convert the chunk to the float dtype the weight is quantized from (as Transformers
+          // does: the weight is `dtype` before Linear4bit/Int8Params quantizes it), then
+          // quantize straight into the packed storage (or a staging buffer for disk / GPU).
+          const dtype qin = it.quant_input;
+          const std::byte* in = src;
+          if (it.source.zero_copy()) detail::populate_read(src, in_n);
+          if (from != qin) {
+            const auto need = static_cast<std::size_t>(t.count * element_size(qin));
+            if (staging.size() < need) staging.resize(need);
+            detail::convert_chunk(src, from, staging.data(), qin,
                                   static_cast<std::size_t>(t.count));
-            storage::cuda_check(cudaMemcpy(static_cast<std::byte*>(stores[t.item].mutable_data()) +
-                                               t.begin * out_es,
-                                           pinned.get(), out_n, cudaMemcpyHostToDevice),
-                                "load: cudaMemcpy to GPU");
-#endif
-            break;
+            in = staging.data();
           }
-        }
+          const std::uint64_t out_off = four_bit ? t.begin / 2 : t.begin;
+          std::byte* dst = nullptr;
+          if (it.kind == storage_kind::host || it.kind == storage_kind::pinned_host) {
+            dst = static_cast<std::byte*>(stores[t.item].mutable_data()) + out_off;
+            detail::populate_write(dst, out_n);
+          } else {
+            if (qstaging.size() < out_n) qstaging.resize(out_n);
+            dst = qstaging.data();
+          }
+          detail::quantize_chunk(it, *qcfg, in, qin, t.begin, t.count, dst, it.scales.data());
+          if (it.kind == storage_kind::file) {
+            detail::write_all_at(it.fd, dst, out_n, out_off, it.write_path, opts);
+            written.fetch_add(out_n, std::memory_order_relaxed);
+          }
+#if defined(STOWAGE_WITH_CUDA)
+          if (it.kind == storage_kind::device)
+            storage::cuda_check(
+                cudaMemcpy(static_cast<std::byte*>(stores[t.item].mutable_data()) + out_off, dst,
+                           out_n, cudaMemcpyHostToDevice),
+                "load: cudaMemcpy to GPU");
+#endif
+        } else
+          switch (it.kind) {
+            case storage_kind::host:
+            case storage_kind::pinned_host: {
+              auto* dst = static_cast<std::byte*>(stores[t.item].mutable_data()) + t.begin * out_es;
+              if (it.source.zero_copy()) detail::populate_read(src, in_n);
+              detail::populate_write(dst, out_n);
+              detail::convert_chunk(src, from, dst, to, static_cast<std::size_t>(t.count));
+              break;
+            }
+            case storage_kind::file: {
+              const std::byte* out = src;
+              if (from != to) {
+                if (staging.size() < out_n) staging.resize(out_n);
+                detail::convert_chunk(src, from, staging.data(), to,
+                                      static_cast<std::size_t>(t.count));
+                out = staging.data();
+              }
+              detail::write_all_at(it.fd, out, out_n, t.begin * out_es, it.write_path, opts);
+              written.fetch_add(out_n, std::memory_order_relaxed);
+              break;
+            }
+            case storage_kind::device: {
+#if defined(STOWAGE_WITH_CUDA)
+              if (pinned_size < out_n) {
+                void* p = nullptr;
+                storage::cuda_check(cudaHostAlloc(&p, out_n, cudaHostAllocPortable),
+                                    "load: cudaHostAlloc (staging)");
+                pinned.reset(p);
+                pinned_size = out_n;
+              }
+              detail::convert_chunk(src, from, static_cast<std::byte*>(pinned.get()), to,
+                                    static_cast<std::size_t>(t.count));
+              storage::cuda_check(
+                  cudaMemcpy(
+                      static_cast<std::byte*>(stores[t.item].mutable_data()) + t.begin * out_es,
+                      pinned.get(), out_n, cudaMemcpyHostToDevice),
+                  "load: cudaMemcpy to GPU");
+#endif
+              break;
+            }
+          }
         if (it.source.zero_copy()) detail::drop_pages(src, in_n);
         stored.fetch_add(out_n, std::memory_order_relaxed);
         bar.add_bytes(in_n);
         if (it.chunks_left.fetch_sub(1) == 1) {
+          if (quantized) {
+            detail::finish_quantized(it, *qcfg);
+            if (it.kind == storage_kind::file)
+              for (auto& st : it.states) {
+                // State tensors go next to the packed weight, committed with the folder.
+                if (st.desc.name.find('/') != std::string::npos)
+                  throw io_error(folder->string(),
+                                 "tensor `" + st.desc.name + "` cannot be used as a file name");
+                st.final_path = *folder / (st.desc.name + ".dat");
+                st.write_path = merge ? *folder / (st.desc.name + ".dat.stowage-tmp-" +
+                                                   std::to_string(::getpid()))
+                                      : state_dir / (st.desc.name + ".dat");
+                const int fd =
+                    ::open(st.write_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+                if (fd < 0)
+                  throw io_error(st.write_path.string(),
+                                 std::string("cannot create: ") + std::strerror(errno));
+                try {
+                  detail::write_all_at(fd, reinterpret_cast<const std::byte*>(st.bytes.data()),
+                                       st.bytes.size(), 0, st.write_path, opts);
+                  if (::fsync(fd) != 0)
+                    throw io_error(st.write_path.string(),
+                                   std::string("cannot fsync: ") + std::strerror(errno));
+                } catch (...) {
+                  ::close(fd);
+                  throw;
+                }
+                if (::close(fd) != 0)
+                  throw io_error(st.write_path.string(),
+                                 std::string("cannot close: ") + std::strerror(errno));
+                written.fetch_add(st.bytes.size(), std::memory_order_relaxed);
+              }
+          }
           if (it.fd >= 0 && ::fsync(it.fd) != 0)
             throw io_error(it.write_path.string(),
                            std::string("cannot fsync: ") + std::strerror(errno));
@@ -853,6 +1222,15 @@ inline loaded_weights load_checkpoint_in_model(const module_tree& tree,
       }
       if (index.contains(it.name) && index[it.name] != e) replaced.push_back(it.name);
       index[it.name] = std::move(e);
+      for (const auto& st : it.states) {
+        nlohmann::ordered_json se = nlohmann::ordered_json::object();
+        se["dtype"] = storage::detail::offload_dtype_name(st.desc.dtype);
+        se["shape"] = nlohmann::ordered_json::array();
+        for (auto x : st.desc.shape) se["shape"].push_back(x);
+        if (index.contains(st.desc.name) && index[st.desc.name] != se)
+          replaced.push_back(st.desc.name);
+        index[st.desc.name] = std::move(se);
+      }
     }
     auto write_index = [&](const fs::path& dir, const nlohmann::ordered_json& j) {
       const std::string text = storage::detail::offload_index_text(j);
@@ -891,6 +1269,13 @@ inline loaded_weights load_checkpoint_in_model(const module_tree& tree,
         write_index(*folder, without);
       }
       for (auto& it : items) {
+        for (auto& st : it->states) {
+          if (st.write_path.empty() || st.write_path == st.final_path) continue;
+          if (::rename(st.write_path.c_str(), st.final_path.c_str()) != 0)
+            throw io_error(st.final_path.string(),
+                           std::string("cannot rename into place: ") + std::strerror(errno));
+          st.write_path = st.final_path;
+        }
         if (it->write_path.empty() || it->write_path == it->final_path) continue;
         if (::rename(it->write_path.c_str(), it->final_path.c_str()) != 0)
           throw io_error(it->final_path.string(),
@@ -919,7 +1304,39 @@ inline loaded_weights load_checkpoint_in_model(const module_tree& tree,
     }
   }
   loaded_weights out;
-  for (std::size_t i = 0; i < items.size(); ++i) out.weights.add(std::move(stores[i]));
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    out.weights.add(std::move(stores[i]));
+    // A weight quantized on load: its state tensors, in bitsandbytes' state-dict order, in the
+    // same backend as the packed weight.
+    auto& it = *items[i];
+    for (auto& st : it.states) {
+      storage::tensor_storage s;
+      switch (it.kind) {
+        case storage_kind::file:
+          s = storage::tensor_storage::from_file(
+              st.desc, storage::file_region(*folder / (st.desc.name + ".dat"), 0, st.bytes.size()));
+          break;
+        case storage_kind::device:
+#if defined(STOWAGE_WITH_CUDA)
+          s = storage::tensor_storage::allocate_device(
+              st.desc, it.placement.is_gpu() ? it.placement.index() : main_dev.index());
+          storage::cuda_check(cudaMemcpy(s.mutable_data(), st.bytes.data(), st.bytes.size(),
+                                         cudaMemcpyHostToDevice),
+                              "load: cudaMemcpy to GPU");
+#endif
+          break;
+        case storage_kind::pinned_host:
+        case storage_kind::host:
+          s = it.kind == storage_kind::host ? storage::tensor_storage::allocate_host(st.desc)
+                                            : storage::tensor_storage::allocate_pinned(st.desc);
+          if (!st.bytes.empty()) std::memcpy(s.mutable_data(), st.bytes.data(), st.bytes.size());
+          break;
+      }
+      ++report.tensors_loaded;
+      out.weights.add(std::move(s));
+      std::vector<std::uint8_t>().swap(st.bytes);
+    }
+  }
   for (const auto& it : items)
     for (const auto& a : it->aliases) out.weights.alias(a, it->name);
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -927,12 +1344,36 @@ inline loaded_weights load_checkpoint_in_model(const module_tree& tree,
   return out;
 }
 
-/// Typed models: the same, on to_module_tree(model).
+namespace detail {
+
+/// A typed model whose precision policy is quantized (llama_for_causal_lm<precision::nf4<>>):
+/// unless the caller says otherwise, the policy drives quantize-on-load (bnb_config_for<P>)
+/// and floating tensors take its compute dtype (Transformers' from_pretrained(dtype=compute,
+/// quantization_config=...)).
+template <class Model>
+load_options typed_load_options(const load_options& opts) {
+  if constexpr (requires { typename Model::precision_type; }) {
+    using P = typename Model::precision_type;
+    if constexpr (stowage::is_quantized_v<P>) {
+      load_options o = opts;
+      if (!o.quantization) o.quantization = bnb_config_for<P>();
+      if (!o.dtype) o.dtype = P::compute_dtype;
+      return o;
+    }
+  }
+  return opts;
+}
+
+}  // namespace detail
+
+/// Typed models: the same, on to_module_tree(model); a quantized precision policy quantizes
+/// on load (see detail::typed_load_options).
 template <module_type Model>
 loaded_weights load_checkpoint_in_model(const Model& model,
                                         const std::filesystem::path& checkpoint_path,
                                         const device_map& map, const load_options& opts = {}) {
-  return load_checkpoint_in_model(to_module_tree(model), checkpoint_path, map, opts);
+  return load_checkpoint_in_model(to_module_tree(model), checkpoint_path, map,
+                                  detail::typed_load_options<Model>(opts));
 }
 
 /// Loads the checkpoint into the storage each map entry names and returns the dispatched
@@ -965,7 +1406,8 @@ dispatched_weights load_checkpoint_and_dispatch(const Model& model,
                                                 const std::filesystem::path& checkpoint_path,
                                                 const device_map& map,
                                                 const load_options& opts = {}) {
-  return load_checkpoint_and_dispatch(to_module_tree(model), checkpoint_path, map, opts);
+  return load_checkpoint_and_dispatch(to_module_tree(model), checkpoint_path, map,
+                                      detail::typed_load_options<Model>(opts));
 }
 
 }  // namespace stowage
