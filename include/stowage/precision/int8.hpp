@@ -59,10 +59,11 @@ inline quantized_int8 quantize_int8(const void* data, dtype in_type, std::size_t
 
 /// bitsandbytes int8_vectorwise_dequant: w = f32(f32(CB * SCB) * f32(1/127)), float32 out.
 inline std::vector<float> dequantize_int8(const quantized_int8& q) {
+  if (q.cb.size() != q.rows * q.cols || q.scb.size() != q.rows)
+    throw invalid_config("dequantize_int8: CB must be [" + std::to_string(q.rows) + ", " +
+                         std::to_string(q.cols) + "] and SCB [" + std::to_string(q.rows) + "]");
   std::vector<float> out(q.cb.size());
-  for (std::size_t r = 0; r < q.rows; ++r)
-    for (std::size_t c = 0; c < q.cols; ++c)
-      out[r * q.cols + c] = int8_dequant_value(q.cb[r * q.cols + c], q.scb[r]);
+  dequantize_int8_raw(q.cb.data(), q.scb.data(), q.rows, q.cols, out.data());
   return out;
 }
 

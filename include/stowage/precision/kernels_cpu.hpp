@@ -1,17 +1,23 @@
 // stowage/precision/kernels_cpu.hpp: the CPU loops behind int8/nf4/fp4: 4-bit quantize and
 // dequantize (bit-exact with bitsandbytes), LLM.int8 row-wise quantization, and fused
-// dequantize-and-multiply kernels for matrix-vector and small-batch products. Loops are written
-// for auto-vectorisation (-O3), with AVX2/FMA intrinsics where the compiler targets them and a
-// portable fallback, and split over row/block ranges on a few std::threads.
+// dequantize-and-multiply kernels for matrix-vector and small-batch products.
+// Every kernel has a portable scalar version (the reference) and, on x86-64 with GCC/Clang, an
+// AVX2/FMA/F16C version compiled with __attribute__((target)) and chosen at run time
+// (__builtin_cpu_supports), so the library needs no -march flag and still uses AVX2 where the
+// machine has it. Both produce the same bytes (tests/unit/precision_kernels_simd.cpp). Work is
+// split over blocks / rows on stowage's thread pool (exec/thread_pool.hpp), chunks handed out
+// dynamically so a core that another process steals does not hold the others up.
 #pragma once
 
 #include <stowage/config.hpp>
 #include <stowage/core/dtype.hpp>
 #include <stowage/core/error.hpp>
+#include <stowage/exec/thread_pool.hpp>
 #include <stowage/precision/convert.hpp>
 #include <stowage/precision/quant_state.hpp>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <bit>
 #include <cmath>
@@ -22,20 +28,37 @@
 #include <thread>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#include <cpuid.h>
 #include <immintrin.h>
-#define STOWAGE_QUANT_AVX2 1
+#define STOWAGE_QUANT_X86 1
+// Functions compiled for AVX2 + FMA + F16C whatever the translation unit's -march; only called
+// after detail::cpu_has_avx2() said yes.
+#define STOWAGE_QUANT_AVX2_FN __attribute__((target("avx2,fma,f16c")))
+// The fused 4-bit product also has an AVX-512 version: one vpermps holds the whole 16-entry
+// table, halving the decode work per weight.
+#define STOWAGE_QUANT_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 #endif
 
 namespace stowage::precision {
 
 // ---------------------------------------------------------------------------------------------
-// Threads
+// Threads and instruction sets
 
 /// Threads the quantization kernels may use (0 = std::thread::hardware_concurrency()).
 inline std::atomic<unsigned>& kernel_threads() {
   static std::atomic<unsigned> n{0};
   return n;
+}
+
+/// Instruction-set levels of the kernels: the portable loops, AVX2 (+FMA, F16C), AVX-512.
+enum class simd_level : int { scalar = 0, avx2 = 1, avx512 = 2 };
+
+/// The highest level the kernels may use where the CPU has it (default avx512: the best there
+/// is). Lower it to run the portable reference loops or the AVX2 ones (tests compare them).
+inline std::atomic<simd_level>& kernel_simd() {
+  static std::atomic<simd_level> level{simd_level::avx512};
+  return level;
 }
 
 namespace detail {
@@ -46,27 +69,65 @@ inline unsigned kernel_thread_count() {
   return n;
 }
 
-// Splits [0, count) into contiguous chunks of at least `grain` items and runs fn(begin, end) on
-// up to kernel_thread_count() threads (the caller's thread takes the first chunk). Small jobs run
-// inline: spawning costs more than it saves below a few hundred microseconds of work.
+/// The CPU has AVX2, FMA and F16C (checked once).
+inline bool cpu_has_avx2() noexcept {
+#if defined(STOWAGE_QUANT_X86)
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    // F16C through cpuid: not every compiler's __builtin_cpu_supports knows "f16c".
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    const bool f16c = __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & bit_F16C) != 0;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
+/// The CPU (and OS) support AVX-512 F/BW/VL besides AVX2 (checked once).
+inline bool cpu_has_avx512() noexcept {
+#if defined(STOWAGE_QUANT_X86)
+  static const bool yes = cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+/// Take the AVX2 path now.
+inline bool use_avx2() noexcept {
+  return kernel_simd().load(std::memory_order_relaxed) >= simd_level::avx2 && cpu_has_avx2();
+}
+
+/// Take the AVX-512 path now (where a kernel has one).
+inline bool use_avx512() noexcept {
+  return kernel_simd().load(std::memory_order_relaxed) >= simd_level::avx512 && cpu_has_avx512();
+}
+
+// Splits [0, count) into chunks of at least `grain` items and runs fn(begin, end) on up to
+// kernel_thread_count() threads of exec::default_thread_pool() (the caller takes part). Chunks
+// (a few per thread) are claimed from an atomic counter: on a shared machine a thread that
+// loses its core leaves its remaining chunks to the others. Small jobs run inline. No
+// allocation per call.
 template <class Fn>
 void parallel_for(std::size_t count, std::size_t grain, Fn&& fn) {
   if (count == 0) return;
-  const std::size_t max_chunks = grain == 0 ? count : (count + grain - 1) / grain;
-  const std::size_t chunks = std::min<std::size_t>(kernel_thread_count(), max_chunks);
-  if (chunks <= 1) {
+  grain = std::max<std::size_t>(grain, 1);
+  const std::size_t max_chunks = (count + grain - 1) / grain;
+  const std::size_t threads = std::min<std::size_t>(kernel_thread_count(), max_chunks);
+  if (threads <= 1) {
     fn(std::size_t{0}, count);
     return;
   }
-  const std::size_t per = (count + chunks - 1) / chunks;
-  std::vector<std::thread> pool;
-  pool.reserve(chunks - 1);
-  for (std::size_t c = 1; c < chunks; ++c) {
-    const std::size_t b = c * per, e = std::min(count, b + per);
-    if (b < e) pool.emplace_back([&fn, b, e] { fn(b, e); });
-  }
-  fn(std::size_t{0}, std::min(count, per));
-  for (auto& t : pool) t.join();
+  const std::size_t chunks = std::min<std::size_t>(max_chunks, threads * 4);
+  std::atomic<std::size_t> next{0};
+  exec::default_thread_pool().parallel_for(threads, 1, [&](std::size_t, std::size_t) {
+    for (std::size_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
+         c = next.fetch_add(1, std::memory_order_relaxed))
+      fn(count * c / chunks, count * (c + 1) / chunks);
+  });
 }
 
 // Element access by runtime dtype (fp32, fp16, bf16 only).
@@ -160,6 +221,400 @@ void quantize_4bit_block_any(const void* in, dtype in_type, std::size_t begin, s
         begin, end, packed, absmax_out);
 }
 
+// ---------------------------------------------------------------------------------------------
+// AVX2 versions. Same operations in the same order as the scalar loops above (IEEE single
+// multiplies and strict compares, no fused multiply-add where the scalar code rounds twice), so
+// the output bytes are identical.
+
+#if defined(STOWAGE_QUANT_X86)
+namespace avx2 {
+
+enum class in_kind { f32, bf16, f16 };
+
+template <in_kind K>
+STOWAGE_QUANT_AVX2_FN inline __m256 load8(const void* base, std::size_t i) noexcept {
+  if constexpr (K == in_kind::f32) {
+    return _mm256_loadu_ps(static_cast<const float*>(base) + i);
+  } else {
+    const __m128i h = _mm_loadu_si128(
+        reinterpret_cast<const __m128i*>(static_cast<const std::uint16_t*>(base) + i));
+    if constexpr (K == in_kind::bf16)
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    else
+      return _mm256_cvtph_ps(h);  // exact, subnormals included
+  }
+}
+
+STOWAGE_QUANT_AVX2_FN inline float hmax(__m256 v) noexcept {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+STOWAGE_QUANT_AVX2_FN inline float hsum(__m256 v) noexcept {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+  return _mm_cvtss_f32(lo);
+}
+
+// Branch-free binary search for the NF4 code (number of thresholds strictly below s): four
+// levels, each a strict compare against the threshold the previous answers select (level 2 by
+// blend, levels 3 and 4 by a permute of 4 / 8 candidates). NaN fails every compare -> 0.
+struct nf4_search {
+  __m256 t7, t3, t11, tab4, tab8;
+  STOWAGE_QUANT_AVX2_FN static nf4_search make() noexcept {
+    const auto& t = nf4_thresholds;
+    return {_mm256_set1_ps(t[7]), _mm256_set1_ps(t[3]), _mm256_set1_ps(t[11]),
+            _mm256_setr_ps(t[1], t[5], t[9], t[13], 0, 0, 0, 0),
+            _mm256_setr_ps(t[0], t[2], t[4], t[6], t[8], t[10], t[12], t[14])};
+  }
+  STOWAGE_QUANT_AVX2_FN __m256i code(__m256 s) const noexcept {
+    const __m256 m1 = _mm256_cmp_ps(s, t7, _CMP_GT_OQ);
+    __m256i idx = _mm256_and_si256(_mm256_castps_si256(m1), _mm256_set1_epi32(8));
+    const __m256 m2 = _mm256_cmp_ps(s, _mm256_blendv_ps(t3, t11, m1), _CMP_GT_OQ);
+    idx = _mm256_or_si256(idx, _mm256_and_si256(_mm256_castps_si256(m2), _mm256_set1_epi32(4)));
+    const __m256 m3 =
+        _mm256_cmp_ps(s, _mm256_permutevar8x32_ps(tab4, _mm256_srli_epi32(idx, 2)), _CMP_GT_OQ);
+    idx = _mm256_or_si256(idx, _mm256_and_si256(_mm256_castps_si256(m3), _mm256_set1_epi32(2)));
+    const __m256 m4 =
+        _mm256_cmp_ps(s, _mm256_permutevar8x32_ps(tab8, _mm256_srli_epi32(idx, 1)), _CMP_GT_OQ);
+    return _mm256_or_si256(idx, _mm256_and_si256(_mm256_castps_si256(m4), _mm256_set1_epi32(1)));
+  }
+};
+
+// FP4, CUDA rule: rank of |s| among the 7 boundaries (strict >), mapped to the magnitude bits,
+// plus 8 when s < 0 (false for -0.0 and NaN).
+struct fp4_search {
+  __m256 b3, b1, b5, tab4, absmask;
+  __m256i bits;
+  STOWAGE_QUANT_AVX2_FN static fp4_search make() noexcept {
+    const auto& b = fp4_cuda_boundaries;
+    const auto& r = fp4_rank_to_bits;
+    return {_mm256_set1_ps(b[3]),
+            _mm256_set1_ps(b[1]),
+            _mm256_set1_ps(b[5]),
+            _mm256_setr_ps(b[0], b[2], b[4], b[6], 0, 0, 0, 0),
+            _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)),
+            _mm256_setr_epi32(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7])};
+  }
+  STOWAGE_QUANT_AVX2_FN __m256i code(__m256 s) const noexcept {
+    const __m256 a = _mm256_and_ps(s, absmask);
+    const __m256 m1 = _mm256_cmp_ps(a, b3, _CMP_GT_OQ);
+    __m256i r = _mm256_and_si256(_mm256_castps_si256(m1), _mm256_set1_epi32(4));
+    const __m256 m2 = _mm256_cmp_ps(a, _mm256_blendv_ps(b1, b5, m1), _CMP_GT_OQ);
+    r = _mm256_or_si256(r, _mm256_and_si256(_mm256_castps_si256(m2), _mm256_set1_epi32(2)));
+    const __m256 m3 =
+        _mm256_cmp_ps(a, _mm256_permutevar8x32_ps(tab4, _mm256_srli_epi32(r, 1)), _CMP_GT_OQ);
+    r = _mm256_or_si256(r, _mm256_and_si256(_mm256_castps_si256(m3), _mm256_set1_epi32(1)));
+    const __m256 neg = _mm256_cmp_ps(s, _mm256_setzero_ps(), _CMP_LT_OQ);
+    return _mm256_or_si256(_mm256_permutevar8x32_epi32(bits, r),
+                           _mm256_and_si256(_mm256_castps_si256(neg), _mm256_set1_epi32(8)));
+  }
+};
+
+// 32 codes (four vectors of 8 int32, element order) -> 16 packed bytes, even element high.
+STOWAGE_QUANT_AVX2_FN inline void pack32(__m256i c0, __m256i c1, __m256i c2, __m256i c3,
+                                         std::uint8_t* dst) noexcept {
+  const __m256i p8 = _mm256_packus_epi16(_mm256_packs_epi32(c0, c1), _mm256_packs_epi32(c2, c3));
+  const __m256i ordered =
+      _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  // (even << 4) | odd as 16-bit sums: maddubs multiplies byte pairs by (16, 1) and adds them.
+  const __m256i pairs = _mm256_maddubs_epi16(ordered, _mm256_set1_epi16(0x0110));
+  const __m256i bytes = _mm256_permute4x64_epi64(_mm256_packus_epi16(pairs, pairs), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(bytes));
+}
+
+// One full block (n a multiple of 32): absmax, then codes. Bytes equal quantize_4bit_block's.
+template <quant_type Q, in_kind K, class Search>
+STOWAGE_QUANT_AVX2_FN void quantize_block(const void* in, std::size_t begin, std::size_t n,
+                                          const Search& search, std::uint8_t* packed,
+                                          float* absmax_out) noexcept {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps();
+  for (std::size_t i = 0; i < n; i += 16) {
+    // max_ps(a, m) returns m when a is NaN: NaN never wins, as in the scalar loop.
+    m0 = _mm256_max_ps(_mm256_and_ps(load8<K>(in, begin + i), absmask), m0);
+    m1 = _mm256_max_ps(_mm256_and_ps(load8<K>(in, begin + i + 8), absmask), m1);
+  }
+  const float am = hmax(_mm256_max_ps(m0, m1));
+  *absmax_out = am;
+  const __m256 inv = _mm256_set1_ps(1.0f / am);
+  std::uint8_t* dst = packed + begin / 2;
+  for (std::size_t i = 0; i < n; i += 32) {
+    const __m256i c0 = search.code(_mm256_mul_ps(load8<K>(in, begin + i), inv));
+    const __m256i c1 = search.code(_mm256_mul_ps(load8<K>(in, begin + i + 8), inv));
+    const __m256i c2 = search.code(_mm256_mul_ps(load8<K>(in, begin + i + 16), inv));
+    const __m256i c3 = search.code(_mm256_mul_ps(load8<K>(in, begin + i + 24), inv));
+    pack32(c0, c1, c2, c3, dst + i / 2);
+  }
+}
+
+template <quant_type Q, in_kind K>
+STOWAGE_QUANT_AVX2_FN void quantize_blocks(const void* in, std::size_t blocksize, std::size_t b0,
+                                           std::size_t b1, std::uint8_t* packed,
+                                           float* absmax) noexcept {
+  if constexpr (Q == quant_type::nf4) {
+    const auto search = nf4_search::make();
+    for (std::size_t b = b0; b < b1; ++b)
+      quantize_block<Q, K>(in, b * blocksize, blocksize, search, packed, absmax + b);
+  } else {
+    const auto search = fp4_search::make();
+    for (std::size_t b = b0; b < b1; ++b)
+      quantize_block<Q, K>(in, b * blocksize, blocksize, search, packed, absmax + b);
+  }
+}
+
+template <quant_type Q>
+STOWAGE_QUANT_AVX2_FN void quantize_blocks_any(const void* in, dtype t, std::size_t blocksize,
+                                               std::size_t b0, std::size_t b1, std::uint8_t* packed,
+                                               float* absmax) noexcept {
+  if (t == dtype::float32)
+    quantize_blocks<Q, in_kind::f32>(in, blocksize, b0, b1, packed, absmax);
+  else if (t == dtype::bfloat16)
+    quantize_blocks<Q, in_kind::bf16>(in, blocksize, b0, b1, packed, absmax);
+  else
+    quantize_blocks<Q, in_kind::f16>(in, blocksize, b0, b1, packed, absmax);
+}
+
+// ---- AVX-512 quantization: 16 lanes, the binary search through per-level 16-entry tables
+// (vpermps reads each lane's threshold by the code so far), compares into mask registers. The
+// maskz forms with a full mask are the plain instructions; GCC 12's unmasked intrinsics pass an
+// "undefined" register that trips -Wmaybe-uninitialized (GCC PR 105593).
+
+inline constexpr __mmask16 all16 = 0xffff;
+
+template <in_kind K>
+STOWAGE_QUANT_AVX512_FN inline __m512 load16(const void* base, std::size_t i) noexcept {
+  if constexpr (K == in_kind::f32) {
+    return _mm512_loadu_ps(static_cast<const float*>(base) + i);
+  } else {
+    const __m256i h = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const std::uint16_t*>(base) + i));
+    if constexpr (K == in_kind::bf16)
+      return _mm512_castsi512_ps(
+          _mm512_maskz_slli_epi32(all16, _mm512_maskz_cvtepu16_epi32(all16, h), 16));
+    else
+      return _mm512_maskz_cvtph_ps(all16, h);
+  }
+}
+
+STOWAGE_QUANT_AVX512_FN inline float hmax512(__m512 v) noexcept {
+  const __m256 lo = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xff, _mm512_castps_pd(v), 0));
+  const __m256 hi = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xff, _mm512_castps_pd(v), 1));
+  return hmax(_mm256_max_ps(lo, hi));
+}
+
+// Search tables: entry i of level L holds the threshold compared when the code so far is i.
+struct search512 {
+  __m512 first, l2, l3, l4;
+  __m512i bits;
+  bool fp4;
+  STOWAGE_QUANT_AVX512_FN static search512 make(quant_type q) noexcept {
+    alignas(64) float t2[16], t3[16], t4[16];
+    alignas(64) std::int32_t bits[16] = {};
+    search512 s{};
+    s.fp4 = q == quant_type::fp4;
+    if (!s.fp4) {
+      const auto& t = nf4_thresholds;  // codes 0..15: levels 8, 4, 2, 1
+      for (std::size_t i = 0; i < 16; ++i) {
+        t2[i] = t[std::min<std::size_t>(i + 3, 14)];
+        t3[i] = t[std::min<std::size_t>(i + 1, 14)];
+        t4[i] = t[std::min<std::size_t>(i, 14)];
+      }
+      s.first = _mm512_set1_ps(t[7]);
+    } else {
+      const auto& b = fp4_cuda_boundaries;  // ranks 0..7 of |s|: levels 4, 2, 1
+      for (std::size_t i = 0; i < 16; ++i) {
+        t2[i] = b[std::min<std::size_t>(i + 1, 6)];
+        t3[i] = b[std::min<std::size_t>(i, 6)];
+        t4[i] = 0.0f;
+        bits[i] = fp4_rank_to_bits[i % 8];
+      }
+      s.first = _mm512_set1_ps(b[3]);
+    }
+    s.l2 = _mm512_load_ps(t2);
+    s.l3 = _mm512_load_ps(t3);
+    s.l4 = _mm512_load_ps(t4);
+    s.bits = _mm512_load_si512(bits);
+    return s;
+  }
+  STOWAGE_QUANT_AVX512_FN static __m512i step(__m512 v, __m512 table, __m512i idx,
+                                              std::int32_t add) noexcept {
+    const __mmask16 gt =
+        _mm512_cmp_ps_mask(v, _mm512_maskz_permutexvar_ps(all16, idx, table), _CMP_GT_OQ);
+    return _mm512_mask_add_epi32(idx, gt, idx, _mm512_set1_epi32(add));
+  }
+  STOWAGE_QUANT_AVX512_FN __m512i code(__m512 s) const noexcept {
+    if (!fp4) {
+      __m512i idx =
+          _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(s, first, _CMP_GT_OQ), _mm512_set1_epi32(8));
+      idx = step(s, l2, idx, 4);
+      idx = step(s, l3, idx, 2);
+      return step(s, l4, idx, 1);
+    }
+    const __m512 a = _mm512_abs_ps(s);
+    __m512i r =
+        _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(a, first, _CMP_GT_OQ), _mm512_set1_epi32(4));
+    r = step(a, l2, r, 2);
+    r = step(a, l3, r, 1);
+    const __m512i mag = _mm512_maskz_permutexvar_epi32(all16, r, bits);
+    const __mmask16 neg = _mm512_cmp_ps_mask(s, _mm512_setzero_ps(), _CMP_LT_OQ);
+    return _mm512_mask_or_epi32(mag, neg, mag, _mm512_set1_epi32(8));
+  }
+};
+
+// 32 codes (two vectors of 16 int32) -> 16 packed bytes, even element high.
+STOWAGE_QUANT_AVX512_FN inline void pack32_512(__m512i c0, __m512i c1, std::uint8_t* dst) noexcept {
+  const __m128i b0 = _mm512_maskz_cvtepi32_epi8(all16, c0),
+                b1 = _mm512_maskz_cvtepi32_epi8(all16, c1);
+  const __m128i pairs = _mm_set1_epi16(0x0110);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
+                   _mm_packus_epi16(_mm_maddubs_epi16(b0, pairs), _mm_maddubs_epi16(b1, pairs)));
+}
+
+template <in_kind K>
+STOWAGE_QUANT_AVX512_FN void quantize_blocks_512(const void* in, quant_type q,
+                                                 std::size_t blocksize, std::size_t b0,
+                                                 std::size_t b1, std::uint8_t* packed,
+                                                 float* absmax) noexcept {
+  const search512 search = search512::make(q);
+  for (std::size_t b = b0; b < b1; ++b) {
+    const std::size_t begin = b * blocksize;
+    __m512 m0 = _mm512_setzero_ps(), m1 = _mm512_setzero_ps();
+    for (std::size_t i = 0; i < blocksize; i += 32) {
+      // max(a, m) returns m when a is NaN: NaN never wins, as in the scalar loop.
+      m0 = _mm512_maskz_max_ps(all16, _mm512_abs_ps(load16<K>(in, begin + i)), m0);
+      m1 = _mm512_maskz_max_ps(all16, _mm512_abs_ps(load16<K>(in, begin + i + 16)), m1);
+    }
+    const float am = hmax512(_mm512_maskz_max_ps(all16, m0, m1));
+    absmax[b] = am;
+    const __m512 inv = _mm512_set1_ps(1.0f / am);
+    std::uint8_t* dst = packed + begin / 2;
+    for (std::size_t i = 0; i < blocksize; i += 32)
+      pack32_512(search.code(_mm512_mul_ps(load16<K>(in, begin + i), inv)),
+                 search.code(_mm512_mul_ps(load16<K>(in, begin + i + 16), inv)), dst + i / 2);
+  }
+}
+
+STOWAGE_QUANT_AVX512_FN inline void quantize_blocks_512_any(const void* in, dtype t, quant_type q,
+                                                            std::size_t blocksize, std::size_t b0,
+                                                            std::size_t b1, std::uint8_t* packed,
+                                                            float* absmax) noexcept {
+  if (t == dtype::float32)
+    quantize_blocks_512<in_kind::f32>(in, q, blocksize, b0, b1, packed, absmax);
+  else if (t == dtype::bfloat16)
+    quantize_blocks_512<in_kind::bf16>(in, q, blocksize, b0, b1, packed, absmax);
+  else
+    quantize_blocks_512<in_kind::f16>(in, q, blocksize, b0, b1, packed, absmax);
+}
+
+// 8 consecutive codes from the 4 bytes at src as int32 lanes (bits 0-3 valid; higher bits are
+// other codes): one broadcast and one variable shift. permutevar8x32 reads bits 0-2 only, and
+// bit 3 (which half of the table) is moved to the sign bit for the blend.
+STOWAGE_QUANT_AVX2_FN inline __m256 decode8(const std::uint8_t* src, __m256 tlo, __m256 thi,
+                                            __m256i shifts) noexcept {
+  std::int32_t word;
+  std::memcpy(&word, src, 4);
+  const __m256i idx = _mm256_srlv_epi32(_mm256_set1_epi32(word), shifts);
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, idx), _mm256_permutevar8x32_ps(thi, idx),
+                          _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+STOWAGE_QUANT_AVX2_FN inline __m256i nibble_shifts() noexcept {
+  return _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
+}
+
+// A 32-byte store; Stream: as two 16-byte non-temporal stores (dst 16-byte aligned), which
+// skip the read-for-ownership of lines the output fully overwrites (callers fence).
+template <bool Stream>
+STOWAGE_QUANT_AVX2_FN inline void store32(void* dst, __m256i v) noexcept {
+  if constexpr (Stream) {
+    _mm_stream_si128(static_cast<__m128i*>(dst), _mm256_castsi256_si128(v));
+    _mm_stream_si128(static_cast<__m128i*>(dst) + 1, _mm256_extracti128_si256(v, 1));
+  } else {
+    _mm256_storeu_si256(static_cast<__m256i*>(dst), v);
+  }
+}
+
+// Dequantize `len` elements (a multiple of 64, starting at an even flat index) of one block to
+// float32: the block's 16 products f32(code * absmax) in two registers, 8 outputs per step.
+template <bool Stream>
+STOWAGE_QUANT_AVX2_FN inline void dequant_f32(const std::uint8_t* src, std::size_t len,
+                                              const float* code, float am, float* dst) noexcept {
+  const __m256 a = _mm256_set1_ps(am);
+  const __m256 tlo = _mm256_mul_ps(_mm256_loadu_ps(code), a);
+  const __m256 thi = _mm256_mul_ps(_mm256_loadu_ps(code + 8), a);
+  const __m256i sh = nibble_shifts();
+  for (std::size_t i = 0; i < len; i += 16) {
+    store32<Stream>(dst + i, _mm256_castps_si256(decode8(src + i / 2, tlo, thi, sh)));
+    store32<Stream>(dst + i + 8, _mm256_castps_si256(decode8(src + i / 2 + 4, tlo, thi, sh)));
+  }
+}
+
+// RNE to bfloat16 as fp32_to_bf16_bits: (u + 0x7fff + ((u >> 16) & 1)) >> 16; NaN -> 0xffff.
+STOWAGE_QUANT_AVX2_FN inline __m256i bf16_bits8(__m256 v) noexcept {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r =
+      _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0xffff), nan);
+}
+
+// The block's 16 output values as 16-bit patterns, split into a low-byte table (low 128 bits)
+// and a high-byte table (high 128 bits), for byte shuffles.
+STOWAGE_QUANT_AVX2_FN inline __m256i table16(const float* code, float am, bool bf16) noexcept {
+  const __m256 a = _mm256_set1_ps(am);
+  const __m256 lo = _mm256_mul_ps(_mm256_loadu_ps(code), a);
+  const __m256 hi = _mm256_mul_ps(_mm256_loadu_ps(code + 8), a);
+  __m256i t;
+  if (bf16) {
+    t = _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_bits8(lo), bf16_bits8(hi)), 0xd8);
+  } else {
+    // F16C rounds to nearest even with subnormals and overflow to inf; a NaN keeps its sign and
+    // top payload bits and gets the quiet bit, as fp32_to_fp16_bits.
+    t = _mm256_set_m128i(_mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                         _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2,
+                                         4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  return _mm256_permute4x64_epi64(_mm256_shuffle_epi8(t, split), 0xd8);
+}
+
+// Dequantize `len` elements (a multiple of 64) of one block to 16-bit values through the byte
+// tables: two shuffles give the low and high bytes of 32 outputs at once.
+template <bool Stream>
+STOWAGE_QUANT_AVX2_FN inline void dequant_16(const std::uint8_t* src, std::size_t len,
+                                             const float* code, float am, bool bf16,
+                                             std::uint16_t* dst) noexcept {
+  const __m256i tables = table16(code, am, bf16);
+  const __m256i lot = _mm256_permute2x128_si256(tables, tables, 0x00);
+  const __m256i hit = _mm256_permute2x128_si256(tables, tables, 0x11);
+  const __m256i mask = _mm256_set1_epi8(0x0f);
+  for (std::size_t i = 0; i < len; i += 64) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i / 2));
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    const __m256i lo = _mm256_and_si256(v, mask);
+    // In-lane interleave: e0 holds elements 0-15 (lane 0) and 32-47 (lane 1), e1 16-31 / 48-63.
+    const __m256i e0 = _mm256_unpacklo_epi8(hi, lo), e1 = _mm256_unpackhi_epi8(hi, lo);
+    const __m256i l0 = _mm256_shuffle_epi8(lot, e0), h0 = _mm256_shuffle_epi8(hit, e0);
+    const __m256i l1 = _mm256_shuffle_epi8(lot, e1), h1 = _mm256_shuffle_epi8(hit, e1);
+    const __m256i a0 = _mm256_unpacklo_epi8(l0, h0), a1 = _mm256_unpackhi_epi8(l0, h0);
+    const __m256i b0 = _mm256_unpacklo_epi8(l1, h1), b1 = _mm256_unpackhi_epi8(l1, h1);
+    std::uint16_t* d = dst + i;
+    store32<Stream>(d, _mm256_permute2x128_si256(a0, a1, 0x20));       // 0-15
+    store32<Stream>(d + 16, _mm256_permute2x128_si256(b0, b1, 0x20));  // 16-31
+    store32<Stream>(d + 32, _mm256_permute2x128_si256(a0, a1, 0x31));  // 32-47
+    store32<Stream>(d + 48, _mm256_permute2x128_si256(b0, b1, 0x31));  // 48-63
+  }
+}
+
+}  // namespace avx2
+#endif
+
 }  // namespace detail
 
 // ---------------------------------------------------------------------------------------------
@@ -178,9 +633,33 @@ inline void quantize_4bit_raw(const void* in, dtype in_type, std::size_t numel, 
     throw invalid_config("quantize_4bit: blocksize " + std::to_string(blocksize) +
                          " is not one of 64, 128, 256, 512, 1024, 2048, 4096");
   const std::size_t blocks = (numel + blocksize - 1) / blocksize;
+  const std::size_t full = numel / blocksize;
+  const bool simd = detail::use_avx2(), simd512 = detail::use_avx512();
   const std::size_t grain = std::max<std::size_t>(1, (std::size_t{1} << 16) / blocksize);
   detail::parallel_for(blocks, grain, [&](std::size_t b0, std::size_t b1) {
-    for (std::size_t b = b0; b < b1; ++b) {
+    std::size_t b = b0;
+#if defined(STOWAGE_QUANT_X86)
+    // Full blocks (a multiple of 64 elements) on AVX2; a partial last block below.
+    if (simd512 && b0 < full) {
+      const std::size_t e = std::min(b1, full);
+      detail::avx2::quantize_blocks_512_any(in, in_type, type, blocksize, b0, e, packed, absmax);
+      b = e;
+    } else if (simd && b0 < full) {
+      const std::size_t e = std::min(b1, full);
+      if (type == quant_type::nf4)
+        detail::avx2::quantize_blocks_any<quant_type::nf4>(in, in_type, blocksize, b0, e, packed,
+                                                           absmax);
+      else
+        detail::avx2::quantize_blocks_any<quant_type::fp4>(in, in_type, blocksize, b0, e, packed,
+                                                           absmax);
+      b = e;
+    }
+#else
+    (void)simd;
+    (void)simd512;
+    (void)full;
+#endif
+    for (; b < b1; ++b) {
       const std::size_t begin = b * blocksize, end = std::min(numel, begin + blocksize);
       if (type == quant_type::nf4)
         detail::quantize_4bit_block_any<quant_type::nf4>(in, in_type, begin, end, packed,
@@ -194,29 +673,66 @@ inline void quantize_4bit_raw(const void* in, dtype in_type, std::size_t numel, 
 
 namespace detail {
 
+// Scalar dequantization of flat elements [begin, end) of block b (begin even).
+template <class Out, class Convert>
+void dequantize_4bit_span(const std::uint8_t* packed, float am, const std::array<float, 16>& code,
+                          std::size_t begin, std::size_t end, Out* out, Convert convert) {
+  // f32(code * absmax) rounded to the output type: the same 16 values for the whole block.
+  Out table[16];
+  for (int i = 0; i < 16; ++i) table[i] = convert(code[static_cast<std::size_t>(i)] * am);
+  const std::uint8_t* src = packed + begin / 2;
+  Out* dst = out + begin;
+  const std::size_t pairs = (end - begin) / 2;
+  for (std::size_t k = 0; k < pairs; ++k) {
+    const std::uint8_t byte = src[k];
+    dst[2 * k] = table[byte >> 4];
+    dst[2 * k + 1] = table[byte & 15];
+  }
+  if ((end - begin) % 2) dst[2 * pairs] = table[src[pairs] >> 4];
+}
+
 template <class Out, class Convert>
 void dequantize_4bit_blocks(const std::uint8_t* packed, const float* absmax, std::size_t numel,
                             const std::array<float, 16>& code, std::size_t blocksize, Out* out,
-                            Convert convert) {
+                            Convert convert, [[maybe_unused]] int simd_kind) {
   const std::size_t blocks = (numel + blocksize - 1) / blocksize;
   const std::size_t grain = std::max<std::size_t>(1, (std::size_t{1} << 16) / blocksize);
+  // Outputs larger than half of a typical last-level cache are written with non-temporal
+  // stores: they would not stay cached for the reader anyway, and streaming saves the read of
+  // every output line before it is overwritten (a third of the memory traffic for fp32 out).
+  [[maybe_unused]] const bool stream = simd_kind != 0 &&
+                                       numel * sizeof(Out) >= (std::size_t{16} << 20) &&
+                                       reinterpret_cast<std::uintptr_t>(out) % 16 == 0;
   parallel_for(blocks, grain, [&](std::size_t b0, std::size_t b1) {
     for (std::size_t b = b0; b < b1; ++b) {
-      // f32(code * absmax) rounded to the output type: the same 16 values for the whole block.
-      Out table[16];
-      for (int i = 0; i < 16; ++i)
-        table[i] = convert(code[static_cast<std::size_t>(i)] * absmax[b]);
       const std::size_t begin = b * blocksize, end = std::min(numel, begin + blocksize);
-      const std::uint8_t* src = packed + begin / 2;
-      Out* dst = out + begin;
-      const std::size_t pairs = (end - begin) / 2;
-      for (std::size_t k = 0; k < pairs; ++k) {
-        const std::uint8_t byte = src[k];
-        dst[2 * k] = table[byte >> 4];
-        dst[2 * k + 1] = table[byte & 15];
+      std::size_t done = begin;
+#if defined(STOWAGE_QUANT_X86)
+      // AVX2 over the block's whole 64-element groups (every block but a short last one); the
+      // tail, if any, takes the scalar loop with the same products.
+      const std::size_t vec = (end - begin) / 64 * 64;
+      if (simd_kind != 0 && vec != 0) {
+        if constexpr (sizeof(Out) == 4) {
+          if (stream)
+            avx2::dequant_f32<true>(packed + begin / 2, vec, code.data(), absmax[b], out + begin);
+          else
+            avx2::dequant_f32<false>(packed + begin / 2, vec, code.data(), absmax[b], out + begin);
+        } else {
+          if (stream)
+            avx2::dequant_16<true>(packed + begin / 2, vec, code.data(), absmax[b], simd_kind == 2,
+                                   out + begin);
+          else
+            avx2::dequant_16<false>(packed + begin / 2, vec, code.data(), absmax[b], simd_kind == 2,
+                                    out + begin);
+        }
+        done = begin + vec;
       }
-      if ((end - begin) % 2) dst[2 * pairs] = table[src[pairs] >> 4];
+#endif
+      if (done < end) dequantize_4bit_span(packed, absmax[b], code, done, end, out, convert);
     }
+#if defined(STOWAGE_QUANT_X86)
+    if (stream) _mm_sfence();  // streamed stores visible before the join
+#endif
   });
 }
 
@@ -232,17 +748,21 @@ inline void dequantize_4bit_raw(const std::uint8_t* packed, const float* absmax,
   if (blocksize == 0 || blocksize % 2)
     throw invalid_config("dequantize_4bit: blocksize must be even and > 0");
   const auto& code = code_table(type);
+  // SIMD kind: 0 scalar, 1 AVX2 fp32/fp16, 2 AVX2 bf16. Blocks must start byte aligned on a
+  // 64-element grid for the vector loops: block sizes that are multiples of 64 (all of bnb's).
+  const bool simd = detail::use_avx2() && blocksize % 64 == 0;
   if (out_type == dtype::float32)
-    detail::dequantize_4bit_blocks(packed, absmax, numel, code, blocksize, static_cast<float*>(out),
-                                   [](float v) { return v; });
+    detail::dequantize_4bit_blocks(
+        packed, absmax, numel, code, blocksize, static_cast<float*>(out), [](float v) { return v; },
+        simd ? 1 : 0);
   else if (out_type == dtype::bfloat16)
-    detail::dequantize_4bit_blocks(packed, absmax, numel, code, blocksize,
-                                   static_cast<std::uint16_t*>(out),
-                                   [](float v) { return fp32_to_bf16_bits(v); });
+    detail::dequantize_4bit_blocks(
+        packed, absmax, numel, code, blocksize, static_cast<std::uint16_t*>(out),
+        [](float v) { return fp32_to_bf16_bits(v); }, simd ? 2 : 0);
   else
-    detail::dequantize_4bit_blocks(packed, absmax, numel, code, blocksize,
-                                   static_cast<std::uint16_t*>(out),
-                                   [](float v) { return fp32_to_fp16_bits(v); });
+    detail::dequantize_4bit_blocks(
+        packed, absmax, numel, code, blocksize, static_cast<std::uint16_t*>(out),
+        [](float v) { return fp32_to_fp16_bits(v); }, simd ? 1 : 0);
 }
 
 /// The float32 scales of a double-quantized state: f32(f32(map[q] * nested_absmax[b/256]) +
@@ -278,59 +798,13 @@ namespace detail {
 
 inline constexpr std::size_t max_fused_batch = 8;
 
-#if defined(STOWAGE_QUANT_AVX2)
-inline float hsum256(__m256 v) noexcept {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
-  return _mm_cvtss_f32(lo);
-}
-
-// 8 codes from 4 packed bytes, in element order (high nibble first), as float values of table.
-inline __m256 decode8(const std::uint8_t* src, __m256 tlo, __m256 thi) noexcept {
-  std::int32_t word;
-  std::memcpy(&word, src, 4);
-  const __m128i v = _mm_cvtsi32_si128(word);
-  const __m128i mask = _mm_set1_epi8(0x0f);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-  const __m128i lo = _mm_and_si128(v, mask);
-  const __m256i idx = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));
-  const __m256 a = _mm256_permutevar8x32_ps(tlo, idx);
-  const __m256 b = _mm256_permutevar8x32_ps(thi, idx);
-  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-}
-#endif
-
-// acc[m] += sum_{k in [k0,k1)} X[m, k] * table[code(flat0 + k - k0)] for one block segment whose
-// first flat element index is even (byte aligned). MB = batch rows handled at once.
-#if defined(STOWAGE_QUANT_AVX2)
-template <std::size_t MB>
-struct fused_acc {
-  __m256 v[MB];
-};
-#else
-template <std::size_t MB>
-struct fused_acc {};
-#endif
-
+// acc[m] += sum_{k in [k0,k0+len)} X[m, k] * table[code(k)] for one block segment whose first
+// flat element is even (byte aligned). Portable: decode 64 weights at a time, then 8-lane dot
+// products the compiler vectorises.
 template <std::size_t MB>
 void fused_segment(const float* const* x, std::size_t k0, std::size_t len, const std::uint8_t* src,
-                   const float* table, float* acc, [[maybe_unused]] fused_acc<MB>& vacc) {
+                   const float* table, float* acc) {
   std::size_t k = 0;
-#if defined(STOWAGE_QUANT_AVX2)
-  const __m256 tlo = _mm256_loadu_ps(table), thi = _mm256_loadu_ps(table + 8);
-  __m256* va = vacc.v;
-  for (; k + 16 <= len; k += 16) {
-    const __m256 w0 = decode8(src + k / 2, tlo, thi);
-    const __m256 w1 = decode8(src + k / 2 + 4, tlo, thi);
-    for (std::size_t m = 0; m < MB; ++m) {
-      va[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[m] + k0 + k), va[m]);
-      va[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x[m] + k0 + k + 8), va[m]);
-    }
-  }
-#else
-  // Portable: decode 64 weights at a time, then 8-lane dot products the compiler vectorises.
   float w[64];
   for (; k + 64 <= len; k += 64) {
     for (std::size_t j = 0; j < 32; ++j) {
@@ -348,7 +822,6 @@ void fused_segment(const float* const* x, std::size_t k0, std::size_t len, const
       acc[m] += s;
     }
   }
-#endif
   for (; k < len; ++k) {
     const std::uint8_t byte = src[k / 2];
     const float wv = table[(k % 2) ? (byte & 15) : (byte >> 4)];
@@ -362,10 +835,6 @@ void fused_4bit_rows(const float* const* x, const std::uint8_t* packed, const fl
                      std::size_t n0, std::size_t n1, float* const* y) {
   for (std::size_t n = n0; n < n1; ++n) {
     float acc[MB] = {};
-    fused_acc<MB> vacc;
-#if defined(STOWAGE_QUANT_AVX2)
-    for (std::size_t m = 0; m < MB; ++m) vacc.v[m] = _mm256_setzero_ps();
-#endif
     std::size_t k = 0;
     while (k < K) {
       const std::size_t flat = n * K + k;
@@ -374,22 +843,334 @@ void fused_4bit_rows(const float* const* x, const std::uint8_t* packed, const fl
       float table[16];
       for (std::size_t i = 0; i < 16; ++i) table[i] = code[i] * absmax[b];
       if (flat % 2 == 0) {
-        fused_segment<MB>(x, k, len, packed + flat / 2, table, acc, vacc);
+        fused_segment<MB>(x, k, len, packed + flat / 2, table, acc);
       } else {
         // Odd start (only when K is odd): one element from a low nibble, then byte aligned.
         const float wv = table[packed[flat / 2] & 15];
         for (std::size_t m = 0; m < MB; ++m) acc[m] += wv * x[m][k];
-        if (len > 1)
-          fused_segment<MB>(x, k + 1, len - 1, packed + (flat + 1) / 2, table, acc, vacc);
+        if (len > 1) fused_segment<MB>(x, k + 1, len - 1, packed + (flat + 1) / 2, table, acc);
       }
       k += len;
     }
-#if defined(STOWAGE_QUANT_AVX2)
-    for (std::size_t m = 0; m < MB; ++m) acc[m] += hsum256(vacc.v[m]);
-#endif
     for (std::size_t m = 0; m < MB; ++m) y[m][n] = acc[m];
   }
 }
+
+#if defined(STOWAGE_QUANT_X86)
+namespace avx2 {
+
+// The fused rows on AVX2: per block segment, the 16 products code * absmax sit in two
+// registers; 32 weights are decoded per step (broadcast + variable shift + two permutes + blend
+// per 8) and multiplied into MB batch rows. A single batch row gets four independent
+// accumulators so the FMA latency does not serialise the loop.
+template <std::size_t MB>
+STOWAGE_QUANT_AVX2_FN void fused_4bit_rows(const float* const* x, const std::uint8_t* packed,
+                                           const float* absmax, const float* code, std::size_t K,
+                                           std::size_t blocksize, std::size_t n0, std::size_t n1,
+                                           std::size_t kb, std::size_t ke, bool accumulate,
+                                           float* const* y) noexcept {
+  // Independent accumulators: enough FMA chains to cover the FMA latency, within 16 registers.
+  constexpr std::size_t NA = MB <= 2 ? 4 : MB == 4 ? 2 : 1;
+  const __m256 clo = _mm256_loadu_ps(code), chi = _mm256_loadu_ps(code + 8);
+  const __m256i sh = nibble_shifts();
+  for (std::size_t n = n0; n < n1; ++n) {
+    __m256 va[MB][NA];
+    for (std::size_t m = 0; m < MB; ++m)
+      for (std::size_t a = 0; a < NA; ++a) va[m][a] = _mm256_setzero_ps();
+    float acc[MB] = {};
+    // One division a row: then walk the blocks the row touches.
+    std::size_t k = kb, b = (n * K + kb) / blocksize, block_end = (b + 1) * blocksize - n * K;
+    while (k < ke) {
+      std::size_t flat = n * K + k;
+      const std::size_t end = std::min(ke, block_end);
+      const float am = absmax[b];
+      if (flat % 2) {  // odd start (odd K): one low nibble, then byte aligned
+        const float wv = code[packed[flat / 2] & 15] * am;
+        for (std::size_t m = 0; m < MB; ++m) acc[m] += wv * x[m][k];
+        ++k;
+        ++flat;
+      }
+      const __m256 av = _mm256_set1_ps(am);
+      const __m256 tlo = _mm256_mul_ps(clo, av), thi = _mm256_mul_ps(chi, av);
+      const std::uint8_t* src = packed + flat / 2;
+      const std::size_t cnt = end - k;
+      std::size_t j = 0;
+      for (; j + 32 <= cnt; j += 32) {
+        const __m256 w[4] = {
+            decode8(src + j / 2, tlo, thi, sh), decode8(src + j / 2 + 4, tlo, thi, sh),
+            decode8(src + j / 2 + 8, tlo, thi, sh), decode8(src + j / 2 + 12, tlo, thi, sh)};
+        for (std::size_t m = 0; m < MB; ++m) {
+          const float* xm = x[m] + k + j;
+          for (std::size_t q = 0; q < 4; ++q)
+            va[m][q % NA] = _mm256_fmadd_ps(w[q], _mm256_loadu_ps(xm + 8 * q), va[m][q % NA]);
+        }
+      }
+      for (; j + 8 <= cnt; j += 8) {
+        const __m256 w = decode8(src + j / 2, tlo, thi, sh);
+        for (std::size_t m = 0; m < MB; ++m)
+          va[m][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x[m] + k + j), va[m][0]);
+      }
+      for (; j < cnt; ++j) {
+        const std::uint8_t byte = src[j / 2];
+        const float wv = code[(j % 2) ? (byte & 15) : (byte >> 4)] * am;
+        for (std::size_t m = 0; m < MB; ++m) acc[m] += wv * x[m][k + j];
+      }
+      k = end;
+      ++b;
+      block_end += blocksize;
+    }
+    for (std::size_t m = 0; m < MB; ++m) {
+      __m256 s = va[m][0];
+      for (std::size_t a = 1; a < NA; ++a) s = _mm256_add_ps(s, va[m][a]);
+      y[m][n] = (accumulate ? y[m][n] : 0.0f) + (acc[m] + hsum(s));
+    }
+  }
+}
+
+// 16 codes from the 8 bytes at src looked up in a 16-entry table (see fused_4bit_rows_512).
+STOWAGE_QUANT_AVX512_FN inline __m512 decode16(const std::uint8_t* src, __m512 table, __m512i sel,
+                                               __m512i sh) noexcept {
+  // The maskz forms with a full mask are the same instructions; the unmasked intrinsics of GCC
+  // 12 pass an "undefined" register that trips -Wmaybe-uninitialized (GCC PR 105593).
+  constexpr __mmask16 all = 0xffff;
+  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
+  const __m512i idx = _mm512_maskz_srlv_epi32(
+      all, _mm512_maskz_permutexvar_epi32(all, sel, _mm512_zextsi128_si512(raw)), sh);
+  return _mm512_maskz_permutexvar_ps(all, idx, table);
+}
+
+// Sum of the 16 lanes (pairwise through the 256-bit halves).
+STOWAGE_QUANT_AVX512_FN inline float hsum512(__m512 v) noexcept {
+  const __m256 lo = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xff, _mm512_castps_pd(v), 0));
+  const __m256 hi = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xff, _mm512_castps_pd(v), 1));
+  return hsum(_mm256_add_ps(lo, hi));
+}
+
+// The fused rows on AVX-512: 16 weights per step from 8 packed bytes (a dword permute puts
+// the two 4-byte halves in the two halves of the register, a variable shift brings each code to
+// its lane's low bits, and vpermps, which reads the low 4 bits, looks up the 16-entry table).
+template <std::size_t MB>
+STOWAGE_QUANT_AVX512_FN void fused_4bit_rows_512(const float* const* x, const std::uint8_t* packed,
+                                                 const float* absmax, const float* code,
+                                                 std::size_t K, std::size_t blocksize,
+                                                 std::size_t n0, std::size_t n1, std::size_t kb,
+                                                 std::size_t ke, bool accumulate,
+                                                 float* const* y) noexcept {
+  // Independent accumulators: at least 16 FMA chains in flight (32 registers).
+  constexpr std::size_t NA = MB <= 4 ? 4 : 2;
+  const __m512 code16 = _mm512_loadu_ps(code);
+  const __m512i sel = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i sh = _mm512_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24, 4, 0, 12, 8, 20, 16, 28, 24);
+  for (std::size_t n = n0; n < n1; ++n) {
+    __m512 va[MB][NA];
+    for (std::size_t m = 0; m < MB; ++m)
+      for (std::size_t a = 0; a < NA; ++a) va[m][a] = _mm512_setzero_ps();
+    float acc[MB] = {};
+    // One division a row: then walk the blocks the row touches.
+    std::size_t k = kb, b = (n * K + kb) / blocksize, block_end = (b + 1) * blocksize - n * K;
+    while (k < ke) {
+      std::size_t flat = n * K + k;
+      const std::size_t end = std::min(ke, block_end);
+      const float am = absmax[b];
+      if (flat % 2) {  // odd start (odd K): one low nibble, then byte aligned
+        const float wv = code[packed[flat / 2] & 15] * am;
+        for (std::size_t m = 0; m < MB; ++m) acc[m] += wv * x[m][k];
+        ++k;
+        ++flat;
+      }
+      const __m512 table = _mm512_mul_ps(code16, _mm512_set1_ps(am));
+      const std::uint8_t* src = packed + flat / 2;
+      const std::size_t cnt = end - k;
+      std::size_t j = 0;
+      for (; j + 64 <= cnt; j += 64) {
+        __m512 w[4];
+        for (std::size_t q = 0; q < 4; ++q) w[q] = decode16(src + j / 2 + 8 * q, table, sel, sh);
+        for (std::size_t m = 0; m < MB; ++m) {
+          const float* xm = x[m] + k + j;
+          for (std::size_t q = 0; q < 4; ++q)
+            va[m][q % NA] = _mm512_fmadd_ps(w[q], _mm512_loadu_ps(xm + 16 * q), va[m][q % NA]);
+        }
+      }
+      for (; j + 16 <= cnt; j += 16) {
+        const __m512 w = decode16(src + j / 2, table, sel, sh);
+        for (std::size_t m = 0; m < MB; ++m)
+          va[m][0] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x[m] + k + j), va[m][0]);
+      }
+      for (; j < cnt; ++j) {
+        const std::uint8_t byte = src[j / 2];
+        const float wv = code[(j % 2) ? (byte & 15) : (byte >> 4)] * am;
+        for (std::size_t m = 0; m < MB; ++m) acc[m] += wv * x[m][k + j];
+      }
+      k = end;
+      ++b;
+      block_end += blocksize;
+    }
+    for (std::size_t m = 0; m < MB; ++m) {
+      __m512 s = va[m][0];
+      for (std::size_t a = 1; a < NA; ++a) s = _mm512_add_ps(s, va[m][a]);
+      y[m][n] = (accumulate ? y[m][n] : 0.0f) + (acc[m] + hsum512(s));
+    }
+  }
+}
+
+// Weight-only int8 rows: sum_k X[m, k] * CB[n, k], then one scale per output.
+
+template <std::size_t MB>
+STOWAGE_QUANT_AVX2_FN void int8_rows(const float* x, std::size_t m0, const std::int8_t* cb,
+                                     const float* scb, std::size_t N, std::size_t K, std::size_t n0,
+                                     std::size_t n1, float* y) noexcept {
+  // Independent accumulators: enough FMA chains to cover the FMA latency, within 16 registers.
+  constexpr std::size_t NA = MB <= 2 ? 4 : MB == 4 ? 2 : 1;
+  for (std::size_t n = n0; n < n1; ++n) {
+    const std::int8_t* w = cb + n * K;
+    __m256 va[MB][NA];
+    for (std::size_t m = 0; m < MB; ++m)
+      for (std::size_t a = 0; a < NA; ++a) va[m][a] = _mm256_setzero_ps();
+    std::size_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+      const __m128i lo = _mm256_castsi256_si128(raw), hi = _mm256_extracti128_si256(raw, 1);
+      const __m256 wf[4] = {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)),
+                            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))),
+                            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)),
+                            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)))};
+      for (std::size_t m = 0; m < MB; ++m) {
+        const float* xm = x + (m0 + m) * K + k;
+        for (std::size_t q = 0; q < 4; ++q)
+          va[m][q % NA] = _mm256_fmadd_ps(wf[q], _mm256_loadu_ps(xm + 8 * q), va[m][q % NA]);
+      }
+    }
+    float acc[MB];
+    for (std::size_t m = 0; m < MB; ++m) {
+      __m256 s = va[m][0];
+      for (std::size_t a = 1; a < NA; ++a) s = _mm256_add_ps(s, va[m][a]);
+      acc[m] = hsum(s);
+    }
+    for (; k < K; ++k)
+      for (std::size_t m = 0; m < MB; ++m) acc[m] += static_cast<float>(w[k]) * x[(m0 + m) * K + k];
+    const float scale = scb[n] * 7.874015718698502e-3f;
+    for (std::size_t m = 0; m < MB; ++m) y[(m0 + m) * N + n] = acc[m] * scale;
+  }
+}
+
+// LLM.int8 row quantization of one row already rounded to fp16 values in `b` (cols floats)
+// whose absmax (NaN ignored) is `am` unless a threshold is set: returns SCB and writes CB. Same
+// operations as the scalar loop: scale = 127 * (1 / absmax), round half to even, NaN -> 0. The
+// scalar clamp to [-128, 127] never acts (|b| <= absmax, so |b * scale| < 127.5) and the
+// saturating packs would keep any int32 in range anyway.
+STOWAGE_QUANT_AVX2_FN inline float int8_row(float* b, std::size_t cols, float threshold, float am,
+                                            std::int8_t* dst) noexcept {
+  if (threshold > 0.0f) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 thr = _mm256_set1_ps(threshold);
+    __m256 m0 = _mm256_setzero_ps();
+    std::size_t c = 0;
+    for (; c + 8 <= cols; c += 8) {
+      __m256 v = _mm256_loadu_ps(b + c);
+      v = _mm256_andnot_ps(_mm256_cmp_ps(_mm256_and_ps(v, absmask), thr, _CMP_GE_OQ), v);
+      _mm256_storeu_ps(b + c, v);
+      m0 = _mm256_max_ps(_mm256_and_ps(v, absmask), m0);
+    }
+    am = hmax(m0);
+    for (; c < cols; ++c) {
+      if (std::fabs(b[c]) >= threshold) b[c] = 0.0f;
+      am = std::fmax(am, std::fabs(b[c]));
+    }
+  }
+  const float scale = 127.0f * (1.0f / am);
+  const __m256 sv = _mm256_set1_ps(scale);
+  std::size_t c = 0;
+  for (; c + 32 <= cols; c += 32) {
+    __m256i q[4];
+    for (std::size_t j = 0; j < 4; ++j) {
+      const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(b + c + 8 * j), sv),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      q[j] = _mm256_cvtps_epi32(_mm256_and_ps(r, _mm256_cmp_ps(r, r, _CMP_ORD_Q)));  // NaN -> 0
+    }
+    const __m256i p =
+        _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c),
+                        _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  }
+  for (; c < cols; ++c) {
+    const float q = std::nearbyint(b[c] * scale);
+    dst[c] =
+        std::isnan(q) ? std::int8_t{0} : static_cast<std::int8_t>(std::clamp(q, -128.0f, 127.0f));
+  }
+  return am;
+}
+
+// A row of `cols` inputs rounded to float16 values (RNE, overflow to inf) as float32 into b;
+// returns their absmax (NaN ignored, as std::fmax).
+template <in_kind K>
+STOWAGE_QUANT_AVX2_FN float row_to_fp16_values(const void* in, std::size_t off, std::size_t cols,
+                                               float* b) noexcept {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps();
+  std::size_t c = 0;
+  for (; c + 16 <= cols; c += 16) {
+    __m256 v0 = load8<K>(in, off + c), v1 = load8<K>(in, off + c + 8);
+    if constexpr (K != in_kind::f16) {
+      v0 = _mm256_cvtph_ps(_mm256_cvtps_ph(v0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      v1 = _mm256_cvtph_ps(_mm256_cvtps_ph(v1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    _mm256_storeu_ps(b + c, v0);
+    _mm256_storeu_ps(b + c + 8, v1);
+    m0 = _mm256_max_ps(_mm256_and_ps(v0, absmask), m0);
+    m1 = _mm256_max_ps(_mm256_and_ps(v1, absmask), m1);
+  }
+  float am = hmax(_mm256_max_ps(m0, m1));
+  for (; c < cols; ++c) {
+    if constexpr (K == in_kind::f32)
+      b[c] = fp16_bits_to_fp32(fp32_to_fp16_bits(static_cast<const float*>(in)[off + c]));
+    else if constexpr (K == in_kind::bf16)
+      b[c] = fp16_bits_to_fp32(
+          fp32_to_fp16_bits(bf16_bits_to_fp32(static_cast<const std::uint16_t*>(in)[off + c])));
+    else
+      b[c] = fp16_bits_to_fp32(static_cast<const std::uint16_t*>(in)[off + c]);
+    am = std::fmax(am, std::fabs(b[c]));
+  }
+  return am;
+}
+
+STOWAGE_QUANT_AVX2_FN inline void int8_rows(const void* in, dtype t, std::size_t r0, std::size_t r1,
+                                            std::size_t cols, float threshold, float* b,
+                                            std::int8_t* cb, float* scb) noexcept {
+  for (std::size_t r = r0; r < r1; ++r) {
+    float am;
+    if (t == dtype::float32)
+      am = row_to_fp16_values<in_kind::f32>(in, r * cols, cols, b);
+    else if (t == dtype::bfloat16)
+      am = row_to_fp16_values<in_kind::bf16>(in, r * cols, cols, b);
+    else
+      am = row_to_fp16_values<in_kind::f16>(in, r * cols, cols, b);
+    scb[r] = int8_row(b, cols, threshold, am, cb + r * cols);
+  }
+}
+
+// int8 -> float32: f32(f32(q * scb) * f32(1/127)), two separate multiplies.
+STOWAGE_QUANT_AVX2_FN inline void int8_dequant_rows(const std::int8_t* cb, const float* scb,
+                                                    std::size_t r0, std::size_t r1,
+                                                    std::size_t cols, float* out) noexcept {
+  const __m256 inv = _mm256_set1_ps(7.874015718698502e-3f);
+  for (std::size_t r = r0; r < r1; ++r) {
+    const __m256 s = _mm256_set1_ps(scb[r]);
+    const std::int8_t* src = cb + r * cols;
+    float* dst = out + r * cols;
+    std::size_t c = 0;
+    for (; c + 16 <= cols; c += 16) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c));
+      const __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+      const __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8)));
+      _mm256_storeu_ps(dst + c, _mm256_mul_ps(_mm256_mul_ps(a, s), inv));
+      _mm256_storeu_ps(dst + c + 8, _mm256_mul_ps(_mm256_mul_ps(b, s), inv));
+    }
+    for (; c < cols; ++c) dst[c] = static_cast<float>(src[c]) * scb[r] * 7.874015718698502e-3f;
+  }
+}
+
+}  // namespace avx2
+#endif
 
 template <class RowFn>
 void dispatch_batch(std::size_t M, RowFn&& fn) {
@@ -423,8 +1204,10 @@ inline void gemm_4bit_raw(const float* x, std::size_t M, const std::uint8_t* pac
   if (blocksize == 0 || blocksize % 2)
     throw invalid_config("gemm_4bit: blocksize must be even and > 0");
   const auto& code = code_table(type);
+  const bool simd = detail::use_avx2();
+  const bool simd512 = detail::use_avx512();
   detail::parallel_for(
-      N, std::max<std::size_t>(1, (std::size_t{1} << 18) / std::max<std::size_t>(K, 1)),
+      N, std::max<std::size_t>(1, (std::size_t{1} << 16) / std::max<std::size_t>(K, 1)),
       [&](std::size_t n0, std::size_t n1) {
         detail::dispatch_batch(M, [&]<std::size_t MB>(std::size_t m0) {
           const float* xs[MB];
@@ -433,6 +1216,31 @@ inline void gemm_4bit_raw(const float* x, std::size_t M, const std::uint8_t* pac
             xs[m] = x + (m0 + m) * K;
             ys[m] = y + (m0 + m) * N;
           }
+#if defined(STOWAGE_QUANT_X86)
+          if (simd) {
+            // A batch's activations (MB rows of K floats) would not stay in L1 over a weight
+            // row, and reloading them from L2 bounds the loop: columns go in chunks of 16 KiB
+            // of activations while a tile of 16 weight rows passes over them; partial sums add
+            // up in y.
+            const std::size_t kc = MB == 1 ? K : std::max<std::size_t>(64, 4096 / MB / 64 * 64);
+            for (std::size_t t0 = n0; t0 < n1; t0 += 16) {
+              const std::size_t t1 = std::min(n1, t0 + 16);
+              for (std::size_t kb = 0; kb < K; kb += kc) {
+                const std::size_t ke = std::min(K, kb + kc);
+                if (simd512)
+                  detail::avx2::fused_4bit_rows_512<MB>(xs, packed, absmax, code.data(), K,
+                                                        blocksize, t0, t1, kb, ke, kb != 0, ys);
+                else
+                  detail::avx2::fused_4bit_rows<MB>(xs, packed, absmax, code.data(), K, blocksize,
+                                                    t0, t1, kb, ke, kb != 0, ys);
+              }
+            }
+            return;
+          }
+#else
+          (void)simd;
+          (void)simd512;
+#endif
           detail::fused_4bit_rows<MB>(xs, packed, absmax, code, K, blocksize, n0, n1, ys);
         });
       });
@@ -440,6 +1248,18 @@ inline void gemm_4bit_raw(const float* x, std::size_t M, const std::uint8_t* pac
 
 // ---------------------------------------------------------------------------------------------
 // LLM.int8 (formats-spec §2)
+
+namespace detail {
+
+// Per-thread scratch row (float16-rounded values), reused across calls: no allocation per row
+// or per call once a thread has seen the widest row.
+inline float* int8_scratch(std::size_t cols) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < cols) buf.resize(cols);
+  return buf.data();
+}
+
+}  // namespace detail
 
 /// Row-wise int8 quantization as bitsandbytes' Int8Params does it: the row is first rounded to
 /// float16 (RNE, >65504 -> inf), SCB[r] = max|row| (float32 of the fp16 value),
@@ -450,10 +1270,19 @@ inline void quantize_int8_rowwise_raw(const void* in, dtype in_type, std::size_t
                                       std::size_t cols, std::int8_t* cb, float* scb,
                                       float threshold = 0.0f) {
   detail::check_float_dtype(in_type, "quantize_int8");
+  const bool simd = detail::use_avx2();
   detail::parallel_for(
       rows, std::max<std::size_t>(1, 65536 / std::max<std::size_t>(cols, 1)),
       [&](std::size_t r0, std::size_t r1) {
-        std::vector<float> b(cols);
+        float* b = detail::int8_scratch(cols);
+#if defined(STOWAGE_QUANT_X86)
+        if (simd) {
+          detail::avx2::int8_rows(in, in_type, r0, r1, cols, threshold, b, cb, scb);
+          return;
+        }
+#else
+        (void)simd;
+#endif
         for (std::size_t r = r0; r < r1; ++r) {
           if (in_type == dtype::float16) {
             const auto* src = static_cast<const std::uint16_t*>(in) + r * cols;
@@ -491,41 +1320,58 @@ inline float int8_dequant_value(std::int8_t q, float scb) noexcept {
   return static_cast<float>(q) * scb * 7.874015718698502e-3f;
 }
 
+/// Dequantizes CB [rows, cols] with its SCB to float32 `out` (bitsandbytes'
+/// int8_vectorwise_dequant, bit for bit).
+inline void dequantize_int8_raw(const std::int8_t* cb, const float* scb, std::size_t rows,
+                                std::size_t cols, float* out) {
+  const bool simd = detail::use_avx2();
+  detail::parallel_for(rows, std::max<std::size_t>(1, 65536 / std::max<std::size_t>(cols, 1)),
+                       [&](std::size_t r0, std::size_t r1) {
+#if defined(STOWAGE_QUANT_X86)
+                         if (simd) {
+                           detail::avx2::int8_dequant_rows(cb, scb, r0, r1, cols, out);
+                           return;
+                         }
+#else
+        (void)simd;
+#endif
+                         for (std::size_t r = r0; r < r1; ++r)
+                           for (std::size_t c = 0; c < cols; ++c)
+                             out[r * cols + c] = int8_dequant_value(cb[r * cols + c], scb[r]);
+                       });
+}
+
 /// Weight-only fused int8 product: Y [M, N] = X [M, K] * (CB * SCB / 127)^T, float32 in and out,
 /// accumulated as sum(X * CB) then scaled once per output (not bit-identical to dequantize then
 /// multiply; within float32 rounding of it).
 inline void gemm_int8_weight_only_raw(const float* x, std::size_t M, const std::int8_t* cb,
                                       const float* scb, std::size_t N, std::size_t K, float* y) {
+  const bool simd = detail::use_avx2();
   detail::parallel_for(
-      N, std::max<std::size_t>(1, (std::size_t{1} << 18) / std::max<std::size_t>(K, 1)),
+      N, std::max<std::size_t>(1, (std::size_t{1} << 16) / std::max<std::size_t>(K, 1)),
       [&](std::size_t n0, std::size_t n1) {
         detail::dispatch_batch(M, [&]<std::size_t MB>(std::size_t m0) {
+#if defined(STOWAGE_QUANT_X86)
+          if (simd) {
+            detail::avx2::int8_rows<MB>(x, m0, cb, scb, N, K, n0, n1, y);
+            return;
+          }
+#else
+          (void)simd;
+#endif
           for (std::size_t n = n0; n < n1; ++n) {
             const std::int8_t* w = cb + n * K;
             float acc[MB] = {};
             std::size_t k = 0;
-#if defined(STOWAGE_QUANT_AVX2)
-            __m256 va[MB];
-            for (std::size_t m = 0; m < MB; ++m) va[m] = _mm256_setzero_ps();
-            for (; k + 8 <= K; k += 8) {
-              std::int64_t word;
-              std::memcpy(&word, w + k, 8);
-              const __m256 wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(word)));
-              for (std::size_t m = 0; m < MB; ++m)
-                va[m] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x + (m0 + m) * K + k), va[m]);
-            }
-            for (std::size_t m = 0; m < MB; ++m) acc[m] = detail::hsum256(va[m]);
-#else
-        for (; k + 8 <= K; k += 8)
-          for (std::size_t m = 0; m < MB; ++m) {
-            float lane[8];
-            const float* xm = x + (m0 + m) * K + k;
-            for (std::size_t l = 0; l < 8; ++l) lane[l] = static_cast<float>(w[k + l]) * xm[l];
-            float s = 0.0f;
-            for (float v : lane) s += v;
-            acc[m] += s;
-          }
-#endif
+            for (; k + 8 <= K; k += 8)
+              for (std::size_t m = 0; m < MB; ++m) {
+                float lane[8];
+                const float* xm = x + (m0 + m) * K + k;
+                for (std::size_t l = 0; l < 8; ++l) lane[l] = static_cast<float>(w[k + l]) * xm[l];
+                float s = 0.0f;
+                for (float v : lane) s += v;
+                acc[m] += s;
+              }
             for (; k < K; ++k)
               for (std::size_t m = 0; m < MB; ++m)
                 acc[m] += static_cast<float>(w[k]) * x[(m0 + m) * K + k];
