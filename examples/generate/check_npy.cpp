@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <initializer_list>
 #include <iostream>
 #include <iterator>
 #include <string>
@@ -58,7 +59,9 @@ int main(int argc, char** argv) {
   std::remove(argv[4]);
   // Built by appends: GCC 12 warns (-Wrestrict, a false positive) on the operator+ chain.
   std::string cmd;
-  for (const char* part : {"\"", argv[1], "\" \"", argv[3], "\" --prompt-ids "}) cmd += part;
+  for (const char* part :
+       std::initializer_list<const char*>{"\"", argv[1], "\" \"", argv[3], "\" --prompt-ids "})
+    cmd += part;
   cmd += ids;
   cmd += " --max-new-tokens 1 --dump-logits \"";
   cmd += argv[4];
