@@ -10,6 +10,7 @@
 
 namespace sw = stowage;
 
+// [doc:policy]
 struct embeddings_on_cpu {
   sw::device_map plan(const sw::module_tree& tree, const sw::max_memory& budgets,
                       const sw::plan_options& options) const {
@@ -50,6 +51,7 @@ struct embeddings_on_cpu {
 static_assert(
     sw::placement_policy<embeddings_on_cpu>,
     "embeddings_on_cpu must satisfy placement_policy: a const plan(tree, budgets, options)");
+// [/doc:policy]
 
 int main(int argc, char** argv) {
   if (argc < 2) {
@@ -57,6 +59,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
+    // [doc:use]
     const auto tree = sw::load_module_tree(argv[1]);
     sw::plan_options o;
     o.no_split = {"Block"};
@@ -66,6 +69,7 @@ int main(int argc, char** argv) {
     for (const auto& d : r.report.devices)
       std::printf("%s: %s bytes\n", d.target.to_string().c_str(),
                   d.weights.to_python_string().c_str());
+    // [/doc:use]
     return 0;
   } catch (const sw::error& e) {
     std::fprintf(stderr, "custom_policy: %s\n", e.what());

@@ -1,0 +1,26 @@
+# A code block of a page must equal the region of SOURCE between the lines `// [doc:TAG]` and
+# `// [/doc:TAG]` (exclusive): the page shows code that CI builds and runs as an example.
+cmake_minimum_required(VERSION 3.25)
+file(READ "${SOURCE}" text)
+string(FIND "${text}" "// [doc:${TAG}]\n" b)
+string(FIND "${text}" "// [/doc:${TAG}]" e)
+if(b EQUAL -1 OR e EQUAL -1)
+  message(FATAL_ERROR "${SOURCE} has no region `// [doc:${TAG}]` ... `// [/doc:${TAG}]`")
+endif()
+string(LENGTH "// [doc:${TAG}]\n" n)
+math(EXPR b "${b} + ${n}")
+# The end marker's line starts after the last newline before it.
+string(SUBSTRING "${text}" 0 ${e} upto)
+string(FIND "${upto}" "\n" last REVERSE)
+math(EXPR last "${last} + 1")
+math(EXPR len "${last} - ${b}")
+if(len LESS 0)
+  message(FATAL_ERROR "${SOURCE}: `// [/doc:${TAG}]` comes before `// [doc:${TAG}]`")
+endif()
+string(SUBSTRING "${text}" ${b} ${len} region)
+file(READ "${SNIPPET}" shown)
+if(NOT shown STREQUAL region)
+  message(FATAL_ERROR "the page's block for ${SOURCE}#${TAG} differs from the file; copy the "
+                      "region into the page again.\n--- file ---\n${region}--- page ---\n${shown}")
+endif()
+message(STATUS "snippet matches ${SOURCE}#${TAG}")

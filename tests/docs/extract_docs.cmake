@@ -1,0 +1,161 @@
+# Extraction of marked code blocks from Markdown pages (see tests/docs/CMakeLists.txt for the
+# markers). Runs at configure time; pages are CMAKE_CONFIGURE_DEPENDS, so editing a page
+# re-extracts. Everything is done on whole strings with string(FIND)/SUBSTRING: C++ is full of
+# ';' and '[' that CMake lists would mangle.
+
+# Forgets the previous configure's parts (blocks are appended to them while scanning).
+function(stowage_doc_reset gen)
+  file(GLOB old "${gen}/*.part")
+  if(old)
+    file(REMOVE ${old})
+  endif()
+  set_property(GLOBAL PROPERTY STOWAGE_DOC_UNITS "")
+  set_property(GLOBAL PROPERTY STOWAGE_DOC_SNIPPETS "")
+  set_property(GLOBAL PROPERTY STOWAGE_DOC_PROBLEMS "")
+endfunction()
+
+# Number of newlines in `text` (for #line directives and messages).
+function(_stowage_doc_count_lines text out)
+  string(REGEX REPLACE "[^\n]" "" nl "${text}")
+  string(LENGTH "${nl}" n)
+  set(${out} ${n} PARENT_SCOPE)
+endfunction()
+
+function(stowage_doc_scan page root gen)
+  file(READ "${page}" text)
+  file(RELATIVE_PATH rel "${root}" "${page}")
+  set(rest "\n${text}")  # a leading newline so a fence on line 1 is found like any other
+  set(consumed_lines 0)  # lines of the page before `rest` starts
+  while(TRUE)
+    string(FIND "${rest}" "\n```" p)
+    if(p EQUAL -1)
+      break()
+    endif()
+    string(SUBSTRING "${rest}" 0 ${p} before)
+    math(EXPR after_nl "${p} + 1")
+    string(SUBSTRING "${rest}" ${after_nl} -1 from_fence)
+    _stowage_doc_count_lines("${before}" nb)
+    math(EXPR fence_line "${consumed_lines} + ${nb} + 1")  # 1-based line of the fence
+    # The fence's info string and the line above it (the marker, if any).
+    string(FIND "${from_fence}" "\n" eol)
+    if(eol EQUAL -1)
+      break()
+    endif()
+    string(SUBSTRING "${from_fence}" 3 ${eol} info)
+    math(EXPR info_len "${eol} - 3")
+    string(SUBSTRING "${from_fence}" 3 ${info_len} info)
+    string(STRIP "${info}" info)
+    string(FIND "${before}" "\n" q REVERSE)
+    math(EXPR q "${q} + 1")
+    string(SUBSTRING "${before}" ${q} -1 marker)
+    string(STRIP "${marker}" marker)
+    # The body: up to the closing fence (a line starting with ```).
+    math(EXPR body_start "${eol} + 1")
+    string(SUBSTRING "${from_fence}" ${body_start} -1 tail)
+    if(tail MATCHES "^```")
+      set(c 0)
+    else()
+      string(FIND "${tail}" "\n```" c)
+      if(c EQUAL -1)
+        set_property(GLOBAL APPEND_STRING PROPERTY STOWAGE_DOC_PROBLEMS
+                     "${rel}:${fence_line}: code block never closed\n")
+        break()
+      endif()
+      math(EXPR c "${c} + 1")
+    endif()
+    string(SUBSTRING "${tail}" 0 ${c} body)
+    # Continue after the closing fence line.
+    string(SUBSTRING "${tail}" ${c} -1 after)
+    string(FIND "${after}" "\n" close_eol)
+    if(close_eol EQUAL -1)
+      set(rest "")
+    else()
+      string(SUBSTRING "${after}" ${close_eol} -1 rest)
+    endif()
+    _stowage_doc_count_lines("${body}" nbody)
+    math(EXPR consumed_lines "${fence_line} + ${nbody} + 1")
+    math(EXPR body_line "${fence_line} + 1")
+
+    if(marker MATCHES "^<!-- (compile|output|snippet): ([^ ]+)( .*)? -->$")
+      set(kind "${CMAKE_MATCH_1}")
+      set(name "${CMAKE_MATCH_2}")
+      string(STRIP "${CMAKE_MATCH_3}" opts)
+    else()
+      set(kind "")
+    endif()
+
+    if(info STREQUAL "cpp")
+      if(kind STREQUAL "compile")
+        if(NOT name MATCHES "^[A-Za-z0-9_]+$")
+          set_property(GLOBAL APPEND_STRING PROPERTY STOWAGE_DOC_PROBLEMS
+                       "${rel}:${fence_line}: bad unit name `${name}`\n")
+          continue()
+        endif()
+        get_property(units GLOBAL PROPERTY STOWAGE_DOC_UNITS)
+        if(NOT name IN_LIST units)
+          set_property(GLOBAL APPEND PROPERTY STOWAGE_DOC_UNITS "${name}")
+        endif()
+        set(piece "#line ${body_line} \"${rel}\"\n${body}")
+        if(opts STREQUAL "main")
+          set_property(GLOBAL PROPERTY STOWAGE_DOC_${name}_HAS_MAIN TRUE)
+          file(APPEND "${gen}/${name}.main.part" "${piece}")
+        else()
+          file(APPEND "${gen}/${name}.top.part" "${piece}")
+        endif()
+      elseif(kind STREQUAL "snippet")
+        get_property(snips GLOBAL PROPERTY STOWAGE_DOC_SNIPPETS)
+        list(LENGTH snips n)
+        math(EXPR n "${n} + 1")
+        set_property(GLOBAL APPEND PROPERTY STOWAGE_DOC_SNIPPETS "${rel}@${name}")
+        file(WRITE "${gen}/snippet_${n}.txt.tmp" "${body}")
+        configure_file("${gen}/snippet_${n}.txt.tmp" "${gen}/snippet_${n}.txt" COPYONLY)
+      else()
+        set_property(GLOBAL APPEND_STRING PROPERTY STOWAGE_DOC_PROBLEMS
+                     "${rel}:${fence_line}: a ```cpp block without a compile/snippet marker\n")
+      endif()
+    elseif(kind STREQUAL "output")
+      set_property(GLOBAL PROPERTY STOWAGE_DOC_${name}_HAS_OUTPUT TRUE)
+      file(APPEND "${gen}/${name}.expected.part" "${body}")
+      if(opts MATCHES "^mask=(.+)$")
+        # One regex per line of the masks file.
+        file(APPEND "${gen}/${name}.masks.part" "${CMAKE_MATCH_1}\n")
+      endif()
+    elseif(kind STREQUAL "compile" OR kind STREQUAL "snippet")
+      set_property(GLOBAL APPEND_STRING PROPERTY STOWAGE_DOC_PROBLEMS
+                   "${rel}:${fence_line}: a ${kind} marker above a ```${info} block (expected ```cpp)\n")
+    endif()
+  endwhile()
+endfunction()
+
+# Assembles NAME.cpp (top-level blocks, then a main() running the statement blocks in page
+# order in one scope, so later blocks use earlier blocks' variables as a reader expects),
+# NAME.expected and NAME.masks. Files are only touched when their content changes.
+function(stowage_doc_write_unit name gen)
+  set(top "")
+  set(body "")
+  if(EXISTS "${gen}/${name}.top.part")
+    file(READ "${gen}/${name}.top.part" top)
+  endif()
+  if(EXISTS "${gen}/${name}.main.part")
+    file(READ "${gen}/${name}.main.part" body)
+  endif()
+  set(src "// Generated from the documentation by tests/docs (do not edit).\n${top}")
+  if(body)
+    string(APPEND src "\n#line 1 \"generated main\"\n"
+           "#include <cstdio>\n#include <exception>\n"
+           "int main() {\n  try {\n${body}\n#line 1 \"generated main end\"\n"
+           "  } catch (const std::exception& e) {\n"
+           "    std::printf(\"uncaught exception: %s\\n\", e.what());\n    return 1;\n  }\n"
+           "  return 0;\n}\n")
+  endif()
+  foreach(f IN ITEMS cpp expected masks)
+    set(content "")
+    if(f STREQUAL "cpp")
+      set(content "${src}")
+    elseif(EXISTS "${gen}/${name}.${f}.part")
+      file(READ "${gen}/${name}.${f}.part" content)
+    endif()
+    file(WRITE "${gen}/${name}.${f}.tmp" "${content}")
+    configure_file("${gen}/${name}.${f}.tmp" "${gen}/${name}.${f}" COPYONLY)
+  endforeach()
+endfunction()
