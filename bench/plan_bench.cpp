@@ -1,6 +1,9 @@
 // Planning speed: infer_device_map on Llama-2-70B and Llama-3.1-405B module trees (built from
 // the bundled configs as meta descriptors), with the budgets of the side-by-side comparison
 // (bench/plan_side_by_side.py times accelerate on the same structures and budgets).
+// Two forms: from the tree (every call builds the tree index and the size table, as accelerate
+// recomputes its sizes on every call) and through a reused plan_context (what depends only on
+// the tree computed once; planning itself is what is timed).
 #include <stowage/models/llama.hpp>
 #include <stowage/module/init_empty.hpp>
 #include <stowage/module/to_module_tree.hpp>
@@ -9,6 +12,7 @@
 #include <benchmark/benchmark.h>
 
 #include <string>
+#include <utility>
 
 namespace sw = stowage;
 
@@ -20,44 +24,76 @@ sw::module_tree llama(const std::string& name) {
       sw::init_empty<sw::models::llama_for_causal_lm<sw::precision::bf16>>(cfg));
 }
 
-template <class Policy>
-void plan(benchmark::State& state, const char* model, sw::max_memory budgets) {
-  const auto tree = llama(model);
+sw::plan_options options() {
   sw::plan_options o;
   o.no_split = {"LlamaDecoderLayer"};
   o.dtype = sw::dtype::bfloat16;
+  return o;
+}
+
+template <class Policy>
+void plan(benchmark::State& state, const char* model, sw::max_memory budgets) {
+  const auto tree = llama(model);
+  const auto o = options();
   for (auto _ : state) {
     auto r = sw::infer_device_map<Policy>(tree, budgets, o);
     benchmark::DoNotOptimize(r);
   }
 }
-void plan_balanced(benchmark::State& s, const char* m, sw::max_memory b) {
+
+template <class Policy>
+void plan_ctx(benchmark::State& state, const char* model, sw::max_memory budgets) {
+  const auto tree = llama(model);
+  const auto o = options();
+  sw::plan_context ctx(tree);
+  for (auto _ : state) {
+    auto r = sw::infer_device_map<Policy>(ctx, budgets, o);
+    benchmark::DoNotOptimize(r);
+  }
+}
+
+void balanced(benchmark::State& s, const char* m, sw::max_memory b) {
   plan<sw::placement::balanced>(s, m, std::move(b));
 }
-void plan_sequential(benchmark::State& s, const char* m, sw::max_memory b) {
+void sequential(benchmark::State& s, const char* m, sw::max_memory b) {
   plan<sw::placement::sequential>(s, m, std::move(b));
 }
+void auto_(benchmark::State& s, const char* m, sw::max_memory b) {
+  plan<sw::placement::auto_>(s, m, std::move(b));
+}
+void balanced_ctx(benchmark::State& s, const char* m, sw::max_memory b) {
+  plan_ctx<sw::placement::balanced>(s, m, std::move(b));
+}
+void sequential_ctx(benchmark::State& s, const char* m, sw::max_memory b) {
+  plan_ctx<sw::placement::sequential>(s, m, std::move(b));
+}
+void auto_ctx(benchmark::State& s, const char* m, sw::max_memory b) {
+  plan_ctx<sw::placement::auto_>(s, m, std::move(b));
+}
+
+const sw::max_memory budgets_70b{
+    {0, "40GB"}, {1, "40GB"}, {2, "40GB"}, {3, "40GB"}, {"cpu", "400GB"}};
+const sw::max_memory budgets_405b{{0, "80GB"}, {1, "80GB"}, {2, "80GB"},
+                                  {3, "80GB"}, {4, "80GB"}, {5, "80GB"},
+                                  {6, "80GB"}, {7, "80GB"}, {"cpu", "1000GB"}};
 }  // namespace
 
 // Same budgets as plan_side_by_side.py: 4 x 40GB GPUs + 400GB CPU (70B); 8 x 80GB + 1TB (405B).
-BENCHMARK_CAPTURE(plan_balanced, llama2_70b_balanced, "Llama-2-70b-hf",
-                  sw::max_memory{
-                      {0, "40GB"}, {1, "40GB"}, {2, "40GB"}, {3, "40GB"}, {"cpu", "400GB"}})
+BENCHMARK_CAPTURE(balanced, llama2_70b_balanced, "Llama-2-70b-hf", budgets_70b)
     ->Unit(benchmark::kMicrosecond);
-BENCHMARK_CAPTURE(plan_sequential, llama2_70b_sequential, "Llama-2-70b-hf",
-                  sw::max_memory{
-                      {0, "40GB"}, {1, "40GB"}, {2, "40GB"}, {3, "40GB"}, {"cpu", "400GB"}})
+BENCHMARK_CAPTURE(sequential, llama2_70b_sequential, "Llama-2-70b-hf", budgets_70b)
     ->Unit(benchmark::kMicrosecond);
-BENCHMARK_CAPTURE(plan_balanced, llama31_405b_balanced, "Llama-3.1-405B",
-                  sw::max_memory{{0, "80GB"},
-                                 {1, "80GB"},
-                                 {2, "80GB"},
-                                 {3, "80GB"},
-                                 {4, "80GB"},
-                                 {5, "80GB"},
-                                 {6, "80GB"},
-                                 {7, "80GB"},
-                                 {"cpu", "1000GB"}})
+BENCHMARK_CAPTURE(balanced, llama31_405b_balanced, "Llama-3.1-405B", budgets_405b)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(auto_, llama2_70b_auto, "Llama-2-70b-hf", budgets_70b)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(balanced_ctx, llama2_70b_balanced_ctx, "Llama-2-70b-hf", budgets_70b)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(sequential_ctx, llama2_70b_sequential_ctx, "Llama-2-70b-hf", budgets_70b)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(balanced_ctx, llama31_405b_balanced_ctx, "Llama-3.1-405B", budgets_405b)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(auto_ctx, llama2_70b_auto_ctx, "Llama-2-70b-hf", budgets_70b)
     ->Unit(benchmark::kMicrosecond);
 
 BENCHMARK_MAIN();

@@ -139,3 +139,72 @@ TEST_CASE("allow_disk_offload=false turns disk placement into a placement_error"
 TEST_CASE("no_split<T> names module classes") {
   CHECK(sw::no_split<sw::models::llama_rms_norm> == std::vector<std::string>{"LlamaRMSNorm"});
 }
+
+TEST_CASE("a tree whose modules were not added in pre-order plans like one that was") {
+  // Same structure twice: "a" (two linears) and "b" (one linear); the second tree adds b
+  // before a's children, so its node order is not the pre-order.
+  auto linear = [](sw::module_tree& t, std::size_t parent, const char* name, std::int64_t n) {
+    t.add_parameter(t.add_child(parent, name, "Linear"),
+                    {"weight", sw::shape{n, n}, sw::dtype::float32});
+  };
+  sw::module_tree in_order("Model");
+  const auto a1 = in_order.add_child(0, "a", "Block");
+  linear(in_order, a1, "x", 4);
+  linear(in_order, a1, "y", 6);
+  const auto b1 = in_order.add_child(0, "b", "Block");
+  linear(in_order, b1, "z", 5);
+  sw::module_tree shuffled("Model");
+  const auto a2 = shuffled.add_child(0, "a", "Block");
+  const auto b2 = shuffled.add_child(0, "b", "Block");
+  linear(shuffled, b2, "z", 5);
+  linear(shuffled, a2, "x", 4);
+  linear(shuffled, a2, "y", 6);
+  const sw::tree_index ix(shuffled);
+  CHECK(ix.preorder() != std::vector<sw::tree_index::id>{0, 1, 2, 3, 4, 5});
+  CHECK(ix.covers(*ix.find("a"), *ix.find("a.y.weight")));
+  CHECK_FALSE(ix.covers(*ix.find("b"), *ix.find("a.y.weight")));
+  CHECK(sw::compute_module_sizes(shuffled).entries() ==
+        sw::compute_module_sizes(in_order).entries());
+  for (const sw::max_memory& mm :
+       {sw::max_memory{{0, 150}, {1, 150}, {"cpu", 1000}}, sw::max_memory{{0, 300}, {"cpu", 1000}},
+        sw::max_memory{{0, 100}}}) {
+    sw::plan_options o;
+    CHECK(sw::infer_device_map<sw::placement::sequential>(shuffled, mm, o).map ==
+          sw::infer_device_map<sw::placement::sequential>(in_order, mm, o).map);
+    o.no_split = {"Block"};
+    CHECK(sw::infer_device_map<sw::placement::balanced>(shuffled, mm, o).map ==
+          sw::infer_device_map<sw::placement::balanced>(in_order, mm, o).map);
+  }
+}
+
+TEST_CASE("plan_context: repeated plans equal fresh ones and reuse the size tables") {
+  sw::plan_context ctx(toy());
+  sw::plan_options o;
+  o.no_split = {"Block"};
+  const sw::max_memory mm{{0, 2000}, {1, 4000}, {"cpu", 100000}};
+  const auto& s1 = ctx.sizes(std::nullopt, {});
+  for (int i = 0; i < 3; ++i) {
+    CHECK(sw::infer_device_map<sw::placement::balanced>(ctx, mm, o).map ==
+          sw::infer_device_map<sw::placement::balanced>(toy(), mm, o).map);
+    CHECK(sw::infer_device_map<sw::placement::auto_>(ctx, mm, o).map ==
+          sw::infer_device_map<sw::placement::auto_>(toy(), mm, o).map);
+  }
+  CHECK(&ctx.sizes(std::nullopt, {}) == &s1);
+  CHECK(s1.size[0] == sw::compute_module_sizes(toy()).total());
+}
+
+TEST_CASE("Transformers' size rule: bool is one byte, buffers keep their dtype") {
+  sw::module_tree t("M");
+  const auto m = t.add_child(0, "m", "Mod");
+  t.add_parameter(m, {"weight", sw::shape{4, 4}, sw::dtype::float32});
+  t.add_buffer(m, {"mask", sw::shape{16}, sw::dtype::bool_});
+  t.add_buffer(m, {"freq", sw::shape{8}, sw::dtype::float32, false});
+  const sw::tree_index ix(t);
+  const auto acc = sw::compute_item_sizes(ix, sw::dtype::float16);
+  const auto tf =
+      sw::compute_item_sizes(ix, sw::dtype::float16, {}, false, sw::size_rule::transformers);
+  // accelerate: 16 x 2 + 16 / 8 + 8 x 2; Transformers: 16 x 2 + 16 x 1 + 8 x 4.
+  CHECK(acc.size[0] == sw::byte_size(32 + 2 + 16));
+  CHECK(tf.size[0] == sw::byte_size(32 + 16 + 32));
+  CHECK(tf.biggest_direct == sw::byte_size(80));
+}

@@ -1,7 +1,9 @@
 // stowage/module/sizes.hpp: how many bytes each module and tensor of a module_tree needs, counted
 // exactly as accelerate's compute_module_sizes counts them (bool = 1/8 byte, a target dtype only
-// shrinks floating tensors, tied tensors once under their first name), plus the helpers the
-// planner builds on: the largest unsplittable layer, tie groups, buffer totals.
+// shrinks floating tensors, tied tensors once under their first name) or as Transformers v5
+// counts them (size_rule), plus the helpers the planner builds on: tree_index (every module and
+// tensor an integer item, subtree tests by pre-order ranges), item_sizes computed in one pass,
+// the largest unsplittable layer, tie groups, buffer totals.
 #pragma once
 
 #include <stowage/config.hpp>
@@ -12,6 +14,8 @@
 #include <stowage/module/module_tree.hpp>
 
 #include <algorithm>
+#include <array>
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -72,6 +76,13 @@ class module_sizes {
   std::unordered_map<std::string, std::size_t, hash, std::equal_to<>> index_;
 };
 
+/// How sizes are counted. accelerate: bool = 1/8 byte and a target dtype shrinks every floating
+/// tensor (parameters and buffers). Transformers v5 (integrations/accelerate.py): the element
+/// size torch reports (bool = 1 byte) of the tensors as the model holds them, so a target dtype
+/// applies to floating parameters only (buffers such as rotary inv_freq stay float32). Both
+/// count a tied tensor once, under its first name.
+enum class size_rule : std::uint8_t { accelerate, transformers };
+
 namespace detail {
 
 /// accelerate's per-tensor rule: a special dtype wins; else without a target dtype the tensor's
@@ -87,15 +98,278 @@ inline byte_size planned_tensor_size(std::string_view full_name, const tensor_en
   return accelerate_size(t.shape, chosen);
 }
 
-inline void add_with_prefixes(module_sizes& sizes, std::string_view full, byte_size s) {
-  sizes.add("", s);
-  for (std::size_t pos = full.find('.'); pos != std::string_view::npos;
-       pos = full.find('.', pos + 1))
-    sizes.add(full.substr(0, pos), s);
-  if (!full.empty()) sizes.add(full, s);
+/// One tensor under a size rule, `special` already resolved to this tensor (or none).
+inline byte_size rule_tensor_size(const tensor_entry& t, bool is_buffer,
+                                  std::optional<dtype> target, std::optional<dtype> special,
+                                  size_rule rule) {
+  dtype d = t.dtype;
+  if (special) {
+    d = *special;
+  } else if (target && !is_integral(t.dtype) && !(rule == size_rule::transformers && is_buffer)) {
+    d = accelerate_size_eighths(*target) <= accelerate_size_eighths(t.dtype) ? *target : t.dtype;
+  }
+  // Element count with an overflow check by multiplication (shape::numel divides per
+  // dimension, a measurable share of planning a 70B tree from scratch).
+  std::int64_t numel = 1;
+  for (std::int64_t dim : t.shape)
+    if (__builtin_mul_overflow(numel, dim, &numel)) return byte_size(t.shape.numel());  // throws
+  if (rule == size_rule::transformers && d == dtype::bool_)
+    return byte_size(numel);  // torch's element_size() of bool is 1
+  const std::int64_t e = accelerate_size_eighths(d);
+  return byte_size::from_eighths(numel * e, e % 8 != 0);
 }
 
 }  // namespace detail
+
+/// An integer view of a module_tree for planning. Every module and every tensor is an *item*:
+/// items [0, modules()) are modules by tree index, items [modules(), items()) are tensors,
+/// numbered module by module (tree index order), each module's parameters then its buffers.
+/// Pre-order positions and subtree ends turn "is below" into two integer comparisons, so the
+/// planner never builds or hashes a name except for the keys it outputs.
+class tree_index {
+ public:
+  using id = std::uint32_t;
+  static constexpr id none = ~id{0};
+
+  explicit tree_index(const module_tree& t) : tree_(&t), n_(t.size()) {
+    // One pass over the nodes: parents, tensor numbering, and (for a tree whose nodes were
+    // added in pre-order, as to_module_tree and the JSON reader add them) pre-order positions
+    // and subtree ends from a stack of the current path.
+    const auto& nodes = t.nodes();
+    parent_.resize(n_);
+    tbeg_.resize(n_ + 1);
+    tmid_.resize(n_);
+    pre_.resize(n_);
+    end_.resize(n_);
+    std::size_t next = 0;
+    bool in_preorder = true;
+    std::vector<id> path;
+    for (std::size_t i = 0; i < n_; ++i) {
+      const auto& nd = nodes[i];
+      parent_[i] = nd.parent == module_tree::npos ? none : static_cast<id>(nd.parent);
+      tbeg_[i] = static_cast<id>(std::min<std::size_t>(next, none));
+      tmid_[i] = static_cast<id>(std::min<std::size_t>(next + nd.parameters.size(), none));
+      next += nd.parameters.size() + nd.buffers.size();
+      if (!in_preorder) continue;
+      while (!path.empty() && path.back() != parent_[i]) {
+        end_[path.back()] = static_cast<id>(i);
+        path.pop_back();
+      }
+      if (i != 0 && path.empty()) in_preorder = false;
+      pre_[i] = static_cast<id>(i);
+      path.push_back(static_cast<id>(i));
+    }
+    if (n_ + next >= none)
+      throw model_error("module tree: too many modules and tensors to plan (" +
+                        std::to_string(n_ + next) + ")");
+    tbeg_[n_] = static_cast<id>(next);
+    if (in_preorder) {
+      for (id i : path) end_[i] = static_cast<id>(n_);
+      order_.resize(n_);
+      for (std::size_t i = 0; i < n_; ++i) order_[i] = static_cast<id>(i);
+    } else {
+      order_.clear();
+      for (std::size_t i : t.preorder()) order_.push_back(static_cast<id>(i));
+      for (std::size_t k = 0; k < n_; ++k) pre_[order_[k]] = static_cast<id>(k);
+      std::vector<id> span(n_, 1);
+      for (std::size_t k = n_; k-- > 1;) span[parent_[order_[k]]] += span[order_[k]];
+      for (std::size_t i = 0; i < n_; ++i) end_[i] = pre_[i] + span[i];
+    }
+    owner_.resize(next);
+    for (std::size_t i = 0; i < n_; ++i)
+      std::fill(owner_.begin() + tbeg_[i], owner_.begin() + tbeg_[i + 1], static_cast<id>(i));
+  }
+
+  const module_tree& tree() const noexcept { return *tree_; }
+  std::size_t modules() const noexcept { return n_; }
+  std::size_t tensors() const noexcept { return owner_.size(); }
+  std::size_t items() const noexcept { return n_ + owner_.size(); }
+  /// Modules in pre-order (tree indices).
+  const std::vector<id>& preorder() const noexcept { return order_; }
+
+  bool is_module(id x) const noexcept { return x < n_; }
+  /// The module an item belongs to: itself for a module, the owner for a tensor.
+  id module_of(id x) const noexcept { return x < n_ ? x : owner_[x - n_]; }
+  /// Items of module m's direct parameters: [first_parameter(m), first_buffer(m)).
+  id first_parameter(id m) const noexcept { return static_cast<id>(n_ + tbeg_[m]); }
+  id first_buffer(id m) const noexcept { return static_cast<id>(n_ + tmid_[m]); }
+  /// One past m's direct buffers.
+  id tensors_end(id m) const noexcept { return static_cast<id>(n_ + tbeg_[m + 1]); }
+  bool is_buffer(id x) const noexcept { return x >= n_ && x >= first_buffer(owner_[x - n_]); }
+  const tensor_entry& tensor(id x) const {
+    const id m = owner_[x - n_];
+    const auto& nd = tree_->nodes()[m];
+    const std::size_t k = x - first_parameter(m);
+    return k < nd.parameters.size() ? nd.parameters[k] : nd.buffers[k - nd.parameters.size()];
+  }
+
+  /// The parent module, or none for the root.
+  id parent(id m) const noexcept { return parent_[m]; }
+  /// Pre-order position of module m.
+  id position(id m) const noexcept { return pre_[m]; }
+  /// One past the pre-order position of the last module of m's subtree.
+  id subtree_end(id m) const noexcept { return end_[m]; }
+  /// Module b lies in module a's subtree (a included).
+  bool in_subtree(id a, id b) const noexcept { return pre_[a] <= pre_[b] && pre_[b] < end_[a]; }
+  /// `x` is `a` or lies below it (a's dotted name covers x's).
+  bool covers(id a, id x) const noexcept {
+    if (a == x) return true;
+    return a < n_ && in_subtree(a, module_of(x));
+  }
+  /// `x` lies strictly below `a`.
+  bool strictly_covers(id a, id x) const noexcept { return a != x && covers(a, x); }
+
+  /// The dotted name of an item.
+  std::string name(id x) const {
+    if (x < n_) return tree_->nodes()[x].path;
+    return join_name(tree_->nodes()[owner_[x - n_]].path, tensor(x).name);
+  }
+  /// The item of a module or tensor name.
+  std::optional<id> find(std::string_view name) const {
+    if (auto m = tree_->find_module(name)) return static_cast<id>(*m);
+    if (auto t = tree_->find_tensor(name))
+      return static_cast<id>((t->is_buffer ? first_buffer(static_cast<id>(t->module))
+                                           : first_parameter(static_cast<id>(t->module))) +
+                             t->index);
+    return std::nullopt;
+  }
+
+ private:
+  const module_tree* tree_;
+  std::size_t n_;
+  std::vector<id> order_, pre_, end_, parent_, tbeg_, tmid_, owner_;
+};
+
+/// Sizes of every item of a tree_index, computed in one pass (no names involved).
+struct item_sizes {
+  std::vector<byte_size> size;     ///< modules: their subtree; tensors: their own (0: tied alias)
+  std::vector<char> counted;       ///< has an entry in accelerate's name -> size map
+  std::vector<byte_size> buffers;  ///< per module: bytes of the buffers in its subtree
+  bool any_buffers = false;
+  /// accelerate's get_balanced_memory leaves: modules with an entry none of whose children has
+  /// one (the lowest modules owning tensors), their sizes summed and counted.
+  byte_size leaf_sum;
+  std::int64_t leaf_count = 0;
+  /// Transformers v5's biggest leaf: the largest sum of counted tensors a non-root module owns
+  /// directly.
+  byte_size biggest_direct;
+};
+
+namespace detail {
+
+/// Per tensor: 1 for a tied parameter that is not the first of its group in named_parameters
+/// order (torch deduplicates it away; it has no size of its own).
+inline std::vector<char> tied_aliases(const tree_index& ix) {
+  std::vector<char> alias(ix.tensors(), 0);
+  for (const auto& g : ix.tree().tied_parameters()) {
+    tree_index::id first = tree_index::none;
+    std::vector<tree_index::id> members;
+    for (const auto& p : g)
+      if (auto x = ix.find(p); x && !ix.is_module(*x)) members.push_back(*x);
+    // named_parameters order: pre-order position of the owner, then position in the owner.
+    auto key = [&](tree_index::id x) { return std::pair{ix.position(ix.module_of(x)), x}; };
+    for (auto x : members)
+      if (first == tree_index::none || key(x) < key(first)) first = x;
+    for (auto x : members)
+      if (x != first) alias[x - ix.modules()] = 1;
+  }
+  return alias;
+}
+
+}  // namespace detail
+
+/// Sizes of every item in one pass: each tensor's size under `rule` (tied aliases 0, buffers
+/// only with `buffers_only`), then module totals bottom-up over the pre-order.
+inline item_sizes compute_item_sizes(const tree_index& ix,
+                                     std::optional<dtype> target = std::nullopt,
+                                     const special_dtypes& special = {}, bool buffers_only = false,
+                                     size_rule rule = size_rule::accelerate) {
+  using id = tree_index::id;
+  const std::size_t n = ix.modules();
+  item_sizes r;
+  r.size.assign(ix.items(), byte_size{});
+  r.counted.assign(ix.items(), 0);
+  r.buffers.assign(n, byte_size{});
+  std::vector<char> alias;
+  if (!buffers_only && !ix.tree().tied_parameters().empty()) alias = detail::tied_aliases(ix);
+  // Special dtypes resolved to items once (the first entry for a name wins, as in accelerate).
+  std::vector<std::pair<id, dtype>> sp;
+  for (const auto& [name, d] : special)
+    if (auto x = ix.find(name); x && !ix.is_module(*x)) {
+      bool dup = false;
+      for (const auto& e : sp) dup = dup || e.first == *x;
+      if (!dup) sp.emplace_back(*x, d);
+    }
+  std::array<std::array<std::int64_t, 256>, 2> per_element;  // [is buffer][dtype]
+  for (auto& a : per_element) a.fill(-1);
+  // One pass over the modules: each one's own tensors (its direct size is Transformers' leaf
+  // size); then module totals bottom-up over the pre-order.
+  const auto& nodes = ix.tree().nodes();
+  for (std::size_t i = 0; i < n; ++i) {
+    const id m = static_cast<id>(i);
+    const auto& nd = nodes[i];
+    const id fp = ix.first_parameter(m);
+    const id fb = static_cast<id>(fp + nd.parameters.size());
+    const id te = static_cast<id>(fb + nd.buffers.size());
+    byte_size direct{};
+    bool owns = false;
+    for (id x = buffers_only ? fb : fp; x < te; ++x) {
+      const bool buf = x >= fb;
+      if (!buf && !alias.empty() && alias[x - n]) continue;
+      const auto& t = buf ? nd.buffers[x - fb] : nd.parameters[x - fp];
+      byte_size b;
+      bool special_hit = false;
+      for (const auto& e : sp)
+        if (e.first == x) {
+          b = detail::rule_tensor_size(t, buf, target, e.second, rule);
+          special_hit = true;
+          break;
+        }
+      if (!special_hit) {
+        // Eighths per element of this dtype under the rule, looked up once per dtype.
+        auto& slot = per_element[buf][static_cast<std::size_t>(t.dtype)];
+        if (slot < 0) {
+          const tensor_entry unit{"", shape{1}, t.dtype, true};
+          slot = detail::rule_tensor_size(unit, buf, target, std::nullopt, rule).eighths();
+        }
+        std::int64_t numel = 1;
+        for (std::int64_t dim : t.shape)
+          if (__builtin_mul_overflow(numel, dim, &numel)) (void)t.shape.numel();  // throws
+        b = byte_size::from_eighths(numel * slot, slot % 8 != 0);
+      }
+      r.size[x] = b;
+      r.counted[x] = 1;
+      direct += b;
+      owns = true;
+      if (buf) {
+        r.buffers[i] += b;
+        r.any_buffers = true;
+      }
+    }
+    r.size[i] = direct;
+    r.counted[i] = owns;
+    if (i != 0 && owns && direct > r.biggest_direct) r.biggest_direct = direct;
+  }
+  const auto& order = ix.preorder();
+  std::vector<char> child_counted(n, 0);
+  for (std::size_t k = n; k-- > 1;) {
+    const id i = order[k];
+    // accelerate's leaves after removing tensor names: modules with an entry and no child
+    // module with one.
+    if (r.counted[i] && !child_counted[i]) {
+      r.leaf_sum += r.size[i];
+      ++r.leaf_count;
+    }
+    const id p = ix.parent(i);
+    r.size[p] += r.size[i];
+    r.buffers[p] += r.buffers[i];
+    if (r.counted[i]) {
+      r.counted[p] = 1;
+      child_counted[p] = 1;
+    }
+  }
+  return r;
+}
 
 /// accelerate's compute_module_sizes: the root "", every module owning counted tensors and every
 /// counted tensor. Parameters (deduplicated: a tie counts once, under its first name) come first,
@@ -104,53 +378,35 @@ inline module_sizes compute_module_sizes(const module_tree& tree,
                                          std::optional<dtype> target = std::nullopt,
                                          const special_dtypes& special = {},
                                          bool buffers_only = false) {
-  // Sums per module by tree index (no string work per prefix), then the entries in the order
-  // accelerate first touches them: for each counted tensor, its not-yet-seen ancestors from
-  // the root down, then the tensor itself.
-  struct counted {
-    std::size_t owner;
-    std::string name;
-    byte_size size;
-  };
-  std::vector<counted> tensors;
-  const auto order = tree.preorder();
-  std::vector<byte_size> module_total(tree.size());
-  auto count = [&](std::size_t i, const tensor_entry& t) {
-    const auto& n = tree.node(i);
-    std::string full = join_name(n.path, t.name);
-    const byte_size sz = detail::planned_tensor_size(full, t, target, special);
-    for (std::size_t a = i; a != module_tree::npos; a = tree.node(a).parent) module_total[a] += sz;
-    tensors.push_back({i, std::move(full), sz});
-  };
-  if (!buffers_only) {
-    const auto canon = tree.tie_canonical_names();
-    for (std::size_t i : order)
-      for (const auto& p : tree.node(i).parameters) {
-        if (!canon.empty()) {
-          auto it = canon.find(join_name(tree.node(i).path, p.name));
-          if (it != canon.end() && it->second != it->first) continue;  // a non-first alias
-        }
-        count(i, p);
-      }
-  }
-  for (std::size_t i : order)
-    for (const auto& b : tree.node(i).buffers) count(i, b);
-
-  module_sizes sizes;
-  sizes.reserve(tree.size() + tensors.size());
-  std::vector<char> seen(tree.size(), 0);
-  std::vector<std::size_t> path;
-  for (const auto& t : tensors) {
+  using id = tree_index::id;
+  const tree_index ix(tree);
+  const item_sizes s = compute_item_sizes(ix, target, special, buffers_only);
+  // Entries in the order accelerate first touches them: for each counted tensor (parameters
+  // over the pre-order, then buffers), its not-yet-seen ancestors from the root down, then the
+  // tensor itself.
+  module_sizes out;
+  out.reserve(ix.items());
+  std::vector<char> seen(ix.modules(), 0);
+  std::vector<id> path;
+  auto emit = [&](id x) {
     path.clear();
-    for (std::size_t a = t.owner; a != module_tree::npos && !seen[a]; a = tree.node(a).parent)
-      path.push_back(a);
+    for (std::size_t a = ix.module_of(x); a != module_tree::npos && !seen[a];
+         a = tree.nodes()[a].parent)
+      path.push_back(static_cast<id>(a));
     for (auto it = path.rbegin(); it != path.rend(); ++it) {
       seen[*it] = 1;
-      sizes.append_new(tree.node(*it).path, module_total[*it]);
+      out.append_new(tree.nodes()[*it].path, s.size[*it]);
     }
-    sizes.append_new(t.name, t.size);
-  }
-  return sizes;
+    out.append_new(ix.name(x), s.size[x]);
+  };
+  for (int pass = buffers_only ? 1 : 0; pass < 2; ++pass)
+    for (id m : ix.preorder()) {
+      const id b = pass == 0 ? ix.first_parameter(m) : ix.first_buffer(m);
+      const id e = pass == 0 ? ix.first_buffer(m) : ix.tensors_end(m);
+      for (id x = b; x < e; ++x)
+        if (s.counted[x]) emit(x);
+    }
+  return out;
 }
 
 /// accelerate's compute_module_total_buffer_size: bytes of every buffer of the model (0 if none).

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <concepts>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -41,27 +42,31 @@ class device_map {
 
   /// Sets `name`'s device (an existing key keeps its position).
   void set(std::string_view name, device d) {
-    auto it = index_.find(name);
-    if (it != index_.end()) {
-      entries_[it->second].second = d;
+    if (const std::size_t i = lookup(name); i != npos_) {
+      entries_[i].second = d;
       return;
     }
-    index_.emplace(std::string(name), entries_.size());
-    entries_.emplace_back(std::string(name), d);
+    append(std::string(name), d);
+  }
+  /// Appends a key the caller knows is not in the map yet (the planner's output path).
+  void append_new(std::string name, device d) { append(std::move(name), d); }
+  void reserve(std::size_t n) {
+    entries_.reserve(n);
+    if (slots_.size() < 2 * n) rehash(2 * n);
   }
   bool erase(std::string_view name) {
-    auto it = index_.find(name);
-    if (it == index_.end()) return false;
-    entries_.erase(entries_.begin() + static_cast<std::ptrdiff_t>(it->second));
-    reindex();
+    const std::size_t i = lookup(name);
+    if (i == npos_) return false;
+    entries_.erase(entries_.begin() + static_cast<std::ptrdiff_t>(i));
+    rehash(slots_.size());
     return true;
   }
   std::optional<device> find(std::string_view name) const {
-    auto it = index_.find(name);
-    if (it == index_.end()) return std::nullopt;
-    return entries_[it->second].second;
+    const std::size_t i = lookup(name);
+    if (i == npos_) return std::nullopt;
+    return entries_[i].second;
   }
-  bool contains(std::string_view name) const { return index_.find(name) != index_.end(); }
+  bool contains(std::string_view name) const { return lookup(name) != npos_; }
   device at(std::string_view name) const {
     if (auto d = find(name)) return *d;
     throw device_map_error("device map has no key `" + std::string(name) + "`");
@@ -163,18 +168,44 @@ class device_map {
   }
 
  private:
-  struct hash {
-    using is_transparent = void;
-    std::size_t operator()(std::string_view s) const noexcept {
-      return std::hash<std::string_view>{}(s);
+  // The index: open addressing over positions into entries_ (power-of-two table, linear
+  // probing, at most half full), so adding a key allocates nothing but the key itself.
+  static constexpr std::size_t npos_ = static_cast<std::size_t>(-1);
+  static constexpr std::uint32_t empty_ = 0xffffffffu;
+  static std::size_t hash_of(std::string_view s) noexcept {
+    return std::hash<std::string_view>{}(s);
+  }
+  std::size_t lookup(std::string_view name) const noexcept {
+    if (slots_.empty()) return npos_;
+    const std::size_t mask = slots_.size() - 1;
+    for (std::size_t h = hash_of(name) & mask;; h = (h + 1) & mask) {
+      const std::uint32_t v = slots_[h];
+      if (v == empty_) return npos_;
+      if (entries_[v].first == name) return v;
     }
-  };
-  void reindex() {
-    index_.clear();
-    for (std::size_t i = 0; i < entries_.size(); ++i) index_.emplace(entries_[i].first, i);
+  }
+  void place(std::uint32_t pos) {
+    const std::size_t mask = slots_.size() - 1;
+    std::size_t h = hash_of(entries_[pos].first) & mask;
+    while (slots_[h] != empty_) h = (h + 1) & mask;
+    slots_[h] = pos;
+  }
+  void rehash(std::size_t want) {
+    std::size_t cap = 16;
+    while (cap < want || cap < 2 * entries_.size() + 2) cap *= 2;
+    slots_.assign(cap, empty_);
+    for (std::size_t i = 0; i < entries_.size(); ++i) place(static_cast<std::uint32_t>(i));
+  }
+  void append(std::string name, device d) {
+    if (entries_.size() >= 0xfffffffeu) throw device_map_error("device map: too many keys");
+    entries_.emplace_back(std::move(name), d);
+    if (2 * entries_.size() > slots_.size())
+      rehash(2 * entries_.size());
+    else
+      place(static_cast<std::uint32_t>(entries_.size() - 1));
   }
   std::vector<std::pair<std::string, device>> entries_;
-  std::unordered_map<std::string, std::size_t, hash, std::equal_to<>> index_;
+  std::vector<std::uint32_t> slots_;
 };
 
 /// Writes a device map as accelerate's JSON (2-space indented). Throws io_error.

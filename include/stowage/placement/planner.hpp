@@ -1,8 +1,10 @@
 // stowage/placement/planner.hpp: accelerate's infer_auto_device_map (with its fallback
-// allocation) and get_balanced_memory, re-implemented on module_tree. Same maps, same verbose
-// lines, same warnings and info logs as accelerate on the same inputs, except where accelerate
-// has a bug listed in §9 of the spec: there the planner does the right thing and records a
-// `deviation` naming the §9 item, so a caller (and the conformance tests) can tell.
+// allocation) and get_balanced_memory, and Transformers v5's get_balanced_memory, re-implemented
+// on module_tree. Same maps, same verbose lines, same warnings and info logs as accelerate on the
+// same inputs, except where accelerate has a bug listed in §9 of the spec: there the planner does
+// the right thing and records a `deviation` naming the §9 item, so a caller (and the conformance
+// tests) can tell. The planner works on integer items of a tree_index (no names except the
+// output keys); plan_context keeps what depends only on the tree for repeated planning.
 #pragma once
 
 #include <stowage/config.hpp>
@@ -120,8 +122,6 @@ inline void save(const plan_result& r, const std::string& path) { save(r.map, pa
 
 namespace detail {
 
-using work_queue = std::deque<tree_entry>;
-
 /// Python's repr of a list of strings: ['a', 'b'].
 inline std::string py_list(const std::vector<std::string>& v) {
   std::string s = "[";
@@ -133,70 +133,6 @@ inline std::string py_groups(const std::vector<const std::vector<std::string>*>&
   std::string s = "[";
   for (std::size_t i = 0; i < g.size(); ++i) s += (i ? ", " : "") + py_list(*g[i]);
   return s + "]";
-}
-
-/// Entries a split module is replaced by: its direct parameters, its children and (unlike
-/// accelerate, §9.3) its direct buffers, so they get a device too.
-inline std::vector<tree_entry> split_entries(const module_tree& tree, const tree_entry& e,
-                                             bool* had_buffers = nullptr) {
-  std::vector<tree_entry> kids;
-  const auto& n = tree.node(e.module);
-  for (const auto& p : n.parameters) kids.push_back({join_name(e.name, p.name), module_tree::npos});
-  for (std::size_t c : n.children) kids.push_back({join_name(e.name, tree.node(c).name), c});
-  for (const auto& b : n.buffers) kids.push_back({join_name(e.name, b.name), module_tree::npos});
-  if (had_buffers) *had_buffers = !n.buffers.empty();
-  return kids;
-}
-
-inline std::vector<tree_entry> module_entries(const work_queue& q) {
-  std::vector<tree_entry> out;
-  for (const auto& e : q)
-    if (e.is_module()) out.push_back(e);
-  return out;
-}
-
-/// Tie groups relevant to an entry: some member inside it, not all. Membership is a dotted
-/// prefix test; accelerate tests a substring (§9.1), recorded when that would differ.
-struct tie_view {
-  std::vector<const std::vector<std::string>*> groups;
-  std::vector<std::string> params;  ///< members outside the entry, in group order
-};
-
-inline tie_view relevant_ties(std::string_view name,
-                              const std::vector<std::vector<std::string>>& tied,
-                              fit_report* report) {
-  tie_view v;
-  if (tied.empty()) return v;
-  const std::string dotted = std::string(name) + ".";
-  auto inside = [&](const std::string& p) { return covers(name, p) && p.size() > name.size(); };
-  auto inside_substr = [&](const std::string& p) {
-    return (p + ".").find(dotted) != std::string::npos;
-  };
-  for (const auto& g : tied) {
-    bool any = false, all = true, any_s = false, all_s = true;
-    for (const auto& p : g) {
-      const bool in = name.empty() ? true : inside(p);
-      any = any || in;
-      all = all && in;
-      const bool ins = inside_substr(p);
-      any_s = any_s || ins;
-      all_s = all_s && ins;
-    }
-    const bool rel = any && !all;
-    const bool rel_s = any_s && !all_s;
-    bool same_members = rel == rel_s;
-    if (rel && rel_s)
-      for (const auto& p : g) same_members = same_members && (inside(p) == inside_substr(p));
-    if (!same_members && report)
-      report->deviate("§9.1", "tie membership of `" + std::string(name) +
-                                  "` uses a dotted prefix; accelerate's substring test would "
-                                  "have matched other names");
-    if (!rel) continue;
-    v.groups.push_back(&g);
-    for (const auto& p : g)
-      if (!inside(p)) v.params.push_back(p);
-  }
-  return v;
 }
 
 }  // namespace detail
@@ -244,19 +180,202 @@ struct balanced_options {
   bool low_zero = false;
 };
 
+namespace detail {
+
+/// Scratch space of one planning run, kept in the plan_context so repeated planning reuses the
+/// allocations.
+struct plan_scratch {
+  using id = tree_index::id;
+  std::vector<id> queue;  ///< the work queue, front at the back
+  std::vector<id> max_names, stack, kids, search, partners, unique_partners, tie_params;
+  std::vector<std::uint32_t> slot;  ///< per item: position in `placed`, or none
+  std::vector<std::pair<id, device>> placed;
+  // clean_device_map over items, per module
+  std::vector<std::uint32_t> below, first;
+  std::vector<device> uniform;
+  std::vector<char> mixed;
+  std::vector<id> touched;
+  std::vector<std::pair<std::uint32_t, id>> out;
+};
+
+}  // namespace detail
+
+/// Everything planning needs from a tree besides the budgets, computed once and reused: the
+/// integer tree view (tree_index), item sizes per (dtype, special dtypes, size rule), no-split
+/// flags and per-subtree largest layers per no-split list, the tie groups, and scratch space.
+/// Planning a tree again through the same context costs only the planning itself.
+/// Not thread-safe (use one context per thread); the tree must outlive it, unchanged.
+class plan_context {
+ public:
+  using id = tree_index::id;
+
+  explicit plan_context(const module_tree& tree) : index_(tree) {}
+
+  const module_tree& tree() const noexcept { return index_.tree(); }
+  const tree_index& index() const noexcept { return index_; }
+
+  /// Item sizes under these rules (computed on first use).
+  const item_sizes& sizes(std::optional<stowage::dtype> d, const special_dtypes& sp,
+                          size_rule rule = size_rule::accelerate) {
+    for (const auto& e : sizes_)
+      if (e.target == d && e.rule == rule && e.special == sp) return e.value;
+    sizes_.push_back({d, sp, rule, compute_item_sizes(index_, d, sp, false, rule)});
+    return sizes_.back().value;
+  }
+
+  /// Modules whose class is in a no-split list.
+  struct split_info {
+    std::vector<std::string> classes;
+    std::vector<char> flag;     ///< per module
+    std::vector<id> instances;  ///< flagged modules in pre-order
+  };
+  const split_info& no_split(const std::vector<std::string>& classes) {
+    for (const auto& e : splits_)
+      if (e.classes == classes) return e;
+    split_info s{classes, std::vector<char>(index_.modules(), 0), {}};
+    if (!classes.empty())
+      for (id i : index_.preorder()) {
+        const auto& c = tree().nodes()[i].class_name;
+        if (std::find(classes.begin(), classes.end(), c) != classes.end()) {
+          s.flag[i] = 1;
+          s.instances.push_back(i);
+        }
+      }
+    splits_.push_back(std::move(s));
+    return splits_.back();
+  }
+
+  /// Per module: the largest layer of its subtree, a layer being a module without children or
+  /// of a no-split class (accelerate's get_max_layer_size, cached per subtree).
+  const std::vector<byte_size>& layer_maxima(const item_sizes& s, const split_info& ns) {
+    for (const auto& e : maxima_)
+      if (e.sizes == &s && e.split == &ns) return e.value;
+    const auto& nodes = tree().nodes();
+    std::vector<byte_size> v(index_.modules());
+    const auto& order = index_.preorder();
+    for (std::size_t k = order.size(); k-- > 0;) {
+      const id i = order[k];
+      if (nodes[i].children.empty() || ns.flag[i]) {
+        v[i] = s.size[i];
+      } else {
+        byte_size b{};
+        for (std::size_t c : nodes[i].children) b = std::max(b, v[c]);
+        v[i] = b;
+      }
+    }
+    maxima_.push_back({&s, &ns, std::move(v)});
+    return maxima_.back().value;
+  }
+
+  /// find_tied_parameters (names sorted in each group) and the same members as items.
+  struct tie_info {
+    std::vector<std::vector<std::string>> groups;
+    std::vector<std::vector<id>> items;
+  };
+  const tie_info& ties() {
+    if (!ties_) {
+      tie_info t;
+      t.groups = find_tied_parameters(tree());
+      for (const auto& g : t.groups) {
+        std::vector<id> ids;
+        for (const auto& p : g) ids.push_back(index_.find(p).value_or(tree_index::none));
+        t.items.push_back(std::move(ids));
+      }
+      ties_ = std::move(t);
+    }
+    return *ties_;
+  }
+
+  detail::plan_scratch& scratch() noexcept { return scratch_; }
+
+ private:
+  struct sizes_entry {
+    std::optional<stowage::dtype> target;
+    special_dtypes special;
+    size_rule rule;
+    item_sizes value;
+  };
+  struct maxima_entry {
+    const item_sizes* sizes;
+    const split_info* split;
+    std::vector<byte_size> value;
+  };
+  tree_index index_;
+  std::deque<sizes_entry> sizes_;  // deques: references handed out stay valid
+  std::deque<split_info> splits_;
+  std::deque<maxima_entry> maxima_;
+  std::optional<tie_info> ties_;
+  detail::plan_scratch scratch_;
+};
+
+namespace detail {
+
+/// Python floor division of a (maybe float) size by a positive count.
+inline byte_size floor_div(byte_size v, std::int64_t k) {
+  if (v.is_float()) {
+    const double x = v.bytes() / static_cast<double>(k);
+    const auto q = static_cast<std::int64_t>(x >= 0 ? x : x - 1);
+    return byte_size::from_eighths(q * 8, true);
+  }
+  return byte_size(v.floor_bytes() / k);
+}
+
+/// int(1.25 * x), exact in eighths (x * 10 / 8), truncated toward zero.
+inline byte_size one_and_a_quarter(byte_size x) { return byte_size(x.eighths() * 10 / 64); }
+
+/// The tail both get_balanced_memory versions share: every GPU but the last capped at
+/// `per_gpu`; with low_zero the first GPU keeps only what the others cannot hold. By sorted
+/// GPU id, not by position (§9.5; accelerate and Transformers sum positions 1..n-1).
+inline void cap_balanced(max_memory& out, const std::vector<int>& ids, std::size_t n,
+                         byte_size per_gpu, byte_size total, bool low_zero, fit_report* report) {
+  for (std::size_t i = 0; i + 1 < ids.size(); ++i) {
+    const device d = device::gpu(ids[i]);
+    const byte_size cur = out.at(d);
+    const byte_size cap = (low_zero && i == 0) ? out.at(device::gpu(ids.front())) : per_gpu;
+    out.set(d, std::min(cap, cur));
+  }
+  if (!low_zero) return;
+  byte_size others{};
+  for (std::size_t i = 1; i < ids.size(); ++i) others += out.at(device::gpu(ids[i]));
+  byte_size positional{};
+  bool positional_ok = true;
+  for (std::size_t i = 1; i < n; ++i) {
+    auto b = out.find(device::gpu(static_cast<int>(i)));
+    if (!b) {
+      positional_ok = false;
+      break;
+    }
+    positional += *b;
+  }
+  if (report && (!positional_ok || positional != others || ids.front() != 0))
+    report->deviate("§9.5",
+                    "balanced_low_0 sums the budgets of GPUs after the first by id; "
+                    "accelerate sums positions 1..n-1 (wrong budgets or KeyError)");
+  byte_size min_zero = total - others;
+  if (min_zero.eighths() < 0) min_zero = byte_size{};
+  const device first = device::gpu(ids.front());
+  out.set(first, std::min(min_zero, out.at(first)));
+}
+
+inline std::string ninety_percent_note(device d) {
+  return "We will use 90% of the memory on device " + d.to_string() +
+         " for storing the model, and 10% for the buffer to avoid OOM. You can set "
+         "`max_memory` in to a higher value to use more memory (at your own risk).";
+}
+
+}  // namespace detail
+
 /// accelerate's get_balanced_memory: lowers every GPU budget but the last to about
 /// total / n + a buffer so the model spreads over the GPUs. Fixed against accelerate: the
 /// no-split buffer is the largest instance of each class, not the first (§9.6); balanced_low_0
 /// uses the sorted GPU ids, not positions (§9.5); a "disk" key is accepted (§9.10).
-inline max_memory get_balanced_memory(const module_tree& tree, const max_memory& mm,
-                                      const balanced_options& opt, fit_report* report = nullptr,
-                                      const module_sizes* precomputed = nullptr) {
+inline max_memory get_balanced_memory(plan_context& ctx, const max_memory& mm,
+                                      const balanced_options& opt, fit_report* report = nullptr) {
   max_memory out = mm;
   std::vector<int> ids;  // GPUs with a positive budget, sorted
   for (const auto& [d, b] : mm)
     if (d.is_gpu() && b.eighths() > 0) ids.push_back(d.index());
-  const bool has_disk = mm.contains(device::disk());
-  if (has_disk && report)
+  if (mm.contains(device::disk()) && report)
     report->deviate("§9.10", "a \"disk\" budget is accepted; accelerate raises RuntimeError");
   const std::size_t n = ids.size();
   if (n == 0) return out;
@@ -265,217 +384,449 @@ inline max_memory get_balanced_memory(const module_tree& tree, const max_memory&
     low_zero = false;
     if (mm.measured) {
       const device first = device::gpu(ids.front());
-      const byte_size b = mm.at(first);
       // Python: budget * 0.9 (a float); kept to the eighth of a byte.
-      out.set(first, byte_size::from_eighths(b.eighths() * 9 / 10, true));
-      if (report)
-        report->info.push_back("We will use 90% of the memory on device " + first.to_string() +
-                               " for storing the model, and 10% for the buffer to avoid OOM. "
-                               "You can set `max_memory` in to a higher value to use more memory "
-                               "(at your own risk).");
+      out.set(first, byte_size::from_eighths(mm.at(first).eighths() * 9 / 10, true));
+      if (report) report->info.push_back(detail::ninety_percent_note(first));
     }
   }
-  std::optional<module_sizes> own_sizes;
-  if (!precomputed) own_sizes = compute_module_sizes(tree, opt.dtype, opt.special_dtypes);
-  const module_sizes& sizes = precomputed ? *precomputed : *own_sizes;
-  const byte_size total = sizes.total();
-  const std::int64_t parts = static_cast<std::int64_t>(low_zero ? n - 1 : n);
-  // Python floor division of a (maybe float) size.
-  auto floor_div = [](byte_size v, std::int64_t k) {
-    const std::int64_t whole = v.floor_bytes();
-    std::int64_t q = whole / k;
-    if (v.is_float()) {
-      const double x = v.bytes() / static_cast<double>(k);
-      q = static_cast<std::int64_t>(x >= 0 ? x : x - 1);
-      return byte_size::from_eighths(q * 8, true);
-    }
-    return byte_size(q);
-  };
-  byte_size per_gpu = floor_div(total, parts);
+  const item_sizes& sz = ctx.sizes(opt.dtype, opt.special_dtypes);
+  const byte_size total = sz.size[0];
+  byte_size per_gpu = detail::floor_div(total, static_cast<std::int64_t>(low_zero ? n - 1 : n));
 
   byte_size buffer{};
   if (!opt.no_split.empty()) {
-    std::map<std::string, byte_size> first_seen, largest;
-    for (std::size_t i : tree.preorder()) {
-      if (i == 0) continue;
-      const auto& node = tree.node(i);
-      if (std::find(opt.no_split.begin(), opt.no_split.end(), node.class_name) ==
-          opt.no_split.end())
-        continue;
-      if (!sizes.contains(node.path)) continue;
-      const byte_size s = sizes[node.path];
-      first_seen.emplace(node.class_name, s);
-      auto [it, fresh] = largest.emplace(node.class_name, s);
-      if (!fresh && s > it->second) it->second = s;
+    // Per class: its first instance (accelerate) and its largest (stowage, §9.6).
+    std::vector<std::pair<const std::string*, std::pair<byte_size, byte_size>>> per_class;
+    for (auto i : ctx.no_split(opt.no_split).instances) {
+      if (i == 0 || !sz.counted[i]) continue;
+      const std::string& c = ctx.tree().nodes()[i].class_name;
+      const byte_size s = sz.size[i];
+      auto it = std::find_if(per_class.begin(), per_class.end(),
+                             [&](const auto& e) { return *e.first == c; });
+      if (it == per_class.end())
+        per_class.push_back({&c, {s, s}});
+      else
+        it->second.second = std::max(it->second.second, s);
     }
     byte_size acc_buffer{}, fixed_buffer{};
-    for (const auto& [c, s] : first_seen) acc_buffer = std::max(acc_buffer, s);
-    for (const auto& [c, s] : largest) fixed_buffer = std::max(fixed_buffer, s);
+    for (const auto& [c, fl] : per_class) {
+      acc_buffer = std::max(acc_buffer, fl.first);
+      fixed_buffer = std::max(fixed_buffer, fl.second);
+    }
     if (report && acc_buffer != fixed_buffer)
       report->deviate("§9.6", "no-split buffer uses the largest instance (" +
                                   fixed_buffer.to_python_string() +
-                                  " bytes); accelerate takes the "
-                                  "first instance (" +
+                                  " bytes); accelerate takes the first instance (" +
                                   acc_buffer.to_python_string() + ")");
     buffer = fixed_buffer;
   }
-  // Mean size of the lowest modules that own tensors: accelerate's leaves after removing the
-  // tensor names, i.e. modules with an entry none of whose child modules has one.
-  byte_size leaf_sum{};
-  std::int64_t leaf_count = 0;
-  {
-    std::vector<char> has(tree.size(), 0);
-    for (std::size_t i = 1; i < tree.size(); ++i) has[i] = sizes.contains(tree.node(i).path);
-    for (std::size_t i = 1; i < tree.size(); ++i) {
-      if (!has[i]) continue;
-      bool leaf = true;
-      for (std::size_t c : tree.node(i).children) leaf = leaf && !has[c];
-      if (leaf) {
-        leaf_sum += sizes[tree.node(i).path];
-        ++leaf_count;
-      }
-    }
-  }
-  // int(sum / max(count, 1)): true division then truncation.
+  // Mean size of the lowest modules that own tensors; int(sum / max(count, 1)).
   const std::int64_t mean = static_cast<std::int64_t>(
-      leaf_sum.bytes() / static_cast<double>(std::max<std::int64_t>(leaf_count, 1)));
-  const byte_size base = std::max(buffer, byte_size(mean));
-  // int(1.25 * x): exact in eighths (x*10/8), truncated toward zero.
-  const std::int64_t scaled = base.eighths() * 10 / 64;
-  per_gpu += byte_size(scaled);
-
-  for (std::size_t i = 0; i + 1 < ids.size(); ++i) {
-    const device d = device::gpu(ids[i]);
-    const byte_size cur = out.at(d);
-    const byte_size cap = (low_zero && i == 0) ? out.at(device::gpu(ids.front())) : per_gpu;
-    out.set(d, std::min(cap, cur));
-  }
-  if (low_zero) {
-    // GPU ids[0] keeps only what the other GPUs cannot hold (§9.5: by id, not by position).
-    byte_size others{};
-    for (std::size_t i = 1; i < ids.size(); ++i) others += out.at(device::gpu(ids[i]));
-    byte_size positional{};
-    bool positional_ok = true;
-    for (std::size_t i = 1; i < n; ++i) {
-      auto b = out.find(device::gpu(static_cast<int>(i)));
-      if (!b) {
-        positional_ok = false;
-        break;
-      }
-      positional += *b;
-    }
-    if (report && (!positional_ok || positional != others || ids.front() != 0))
-      report->deviate("§9.5", "balanced_low_0 sums the budgets of GPUs " +
-                                  std::string("after the first by id; accelerate sums positions "
-                                              "1..n-1 (wrong budgets or KeyError)"));
-    byte_size min_zero = total - others;
-    if (min_zero.eighths() < 0) min_zero = byte_size{};
-    const device first = device::gpu(ids.front());
-    out.set(first, std::min(min_zero, out.at(first)));
-  }
+      sz.leaf_sum.bytes() / static_cast<double>(std::max<std::int64_t>(sz.leaf_count, 1)));
+  per_gpu += detail::one_and_a_quarter(std::max(buffer, byte_size(mean)));
+  detail::cap_balanced(out, ids, n, per_gpu, total, low_zero, report);
   return out;
+}
+
+inline max_memory get_balanced_memory(const module_tree& tree, const max_memory& mm,
+                                      const balanced_options& opt, fit_report* report = nullptr) {
+  plan_context ctx(tree);
+  return get_balanced_memory(ctx, mm, opt, report);
+}
+
+/// Transformers v5's get_balanced_memory (transformers/integrations/accelerate.py), what
+/// from_pretrained(device_map="auto" | "balanced" | "balanced_low_0") uses, as a pure function
+/// of explicit budgets: no allocator slack (Transformers adds reserved-minus-allocated CUDA
+/// memory, §9.20). Differences from accelerate's: sizes by the Transformers rule
+/// (size_rule::transformers: element sizes, buffers keep their dtype), accelerators = every key
+/// but cpu/disk with a positive budget, buffer = 1.25 x max(largest instance of any no-split
+/// class, largest sum of tensors one module owns directly). Measured budgets (max_memory::
+/// measured) get Transformers' 90% of the CPU, and of a single GPU. balanced_low_0 by sorted
+/// GPU id (§9.5, as in accelerate).
+inline max_memory transformers_balanced_memory(plan_context& ctx, const max_memory& mm,
+                                               const balanced_options& opt,
+                                               fit_report* report = nullptr) {
+  max_memory out = mm;
+  if (mm.measured)
+    if (auto cpu = mm.find(device::cpu()))
+      out.set(device::cpu(), byte_size::from_eighths(cpu->eighths() * 9 / 10, true));
+  std::vector<int> ids;
+  std::size_t n = 0;
+  for (const auto& [d, b] : out) {
+    if (d.is_cpu() || d.is_disk() || b.eighths() <= 0) continue;
+    ++n;
+    if (d.is_gpu()) ids.push_back(d.index());
+  }
+  if (n == 0 || ids.empty()) return out;
+  bool low_zero = opt.low_zero;
+  if (n == 1) {
+    low_zero = false;
+    if (mm.measured)
+      for (const auto& [d, b] : mm)
+        if (d.is_gpu()) {
+          out.set(d, byte_size::from_eighths(b.eighths() * 9 / 10, true));
+          if (report) report->info.push_back(detail::ninety_percent_note(d));
+          break;
+        }
+  }
+  const item_sizes& sz = ctx.sizes(opt.dtype, opt.special_dtypes, size_rule::transformers);
+  const byte_size total = sz.size[0];
+  if (low_zero && n < 2) low_zero = false;
+  byte_size per_gpu = detail::floor_div(total, static_cast<std::int64_t>(low_zero ? n - 1 : n));
+  byte_size biggest_block{};
+  if (!opt.no_split.empty()) {
+    const auto& inst = ctx.no_split(opt.no_split).instances;
+    if (inst.empty() && report)
+      report->deviate("transformers",
+                      "no module is of a no-split class; Transformers' "
+                      "get_balanced_memory raises ValueError (max of nothing)");
+    for (auto i : inst) biggest_block = std::max(biggest_block, sz.size[i]);
+  }
+  per_gpu += detail::one_and_a_quarter(std::max(biggest_block, sz.biggest_direct));
+  detail::cap_balanced(out, ids, n, per_gpu, total, low_zero, report);
+  return out;
+}
+
+inline max_memory transformers_balanced_memory(const module_tree& tree, const max_memory& mm,
+                                               const balanced_options& opt,
+                                               fit_report* report = nullptr) {
+  plan_context ctx(tree);
+  return transformers_balanced_memory(ctx, mm, opt, report);
 }
 
 namespace detail {
 
+/// One planning run over items (accelerate's infer_auto_device_map with the §9 fixes).
+class item_planner {
+ public:
+  using id = tree_index::id;
+  static constexpr std::uint32_t no_slot = 0xffffffffu;
+
+  item_planner(plan_context& ctx, const max_memory& budgets, const plan_options& opt,
+               size_rule rule)
+      : ctx_(ctx),
+        ix_(ctx.index()),
+        nodes_(ctx.tree().nodes()),
+        budgets_(budgets),
+        opt_(opt),
+        sz_(ctx.sizes(opt.dtype, opt.special_dtypes, rule)),
+        ns_(ctx.no_split(opt.no_split)),
+        layer_max_(ctx.layer_maxima(sz_, ns_)),
+        ties_(ctx.ties()),
+        w_(ctx.scratch()),
+        verbose_(static_cast<bool>(opt.verbose)) {}
+
+  plan_result run();
+
+ private:
+  void say(std::string_view line) const {
+    if (verbose_) opt_.verbose(line);
+  }
+  bool is_leaf(id x) const {
+    return !ix_.is_module(x) || nodes_[x].children.empty() || ns_.flag[x];
+  }
+
+  /// The entries a split module is replaced by: its direct parameters, its children and
+  /// (unlike accelerate, §9.3) its direct buffers, so they get a device too.
+  bool split_kids(id m, std::vector<id>& out) const {
+    out.clear();
+    for (id x = ix_.first_parameter(m); x < ix_.first_buffer(m); ++x) out.push_back(x);
+    for (std::size_t c : nodes_[m].children) out.push_back(static_cast<id>(c));
+    for (id x = ix_.first_buffer(m); x < ix_.tensors_end(m); ++x) out.push_back(x);
+    return ix_.first_buffer(m) != ix_.tensors_end(m);
+  }
+  /// Puts `kids` (in order) at the front of a reversed queue.
+  static void push_front(std::vector<id>& q, const std::vector<id>& kids) {
+    q.insert(q.end(), kids.rbegin(), kids.rend());
+  }
+
+  /// accelerate's get_max_layer_size over the queue (tensors only on the first call), from the
+  /// cached subtree maxima: names are collected only below subtrees that reach the maximum.
+  void compute_max(bool with_tensors) {
+    auto& q = w_.queue;
+    byte_size best{};
+    for (auto it = q.rbegin(); it != q.rend(); ++it) {
+      if (ix_.is_module(*it))
+        best = std::max(best, layer_max_[*it]);
+      else if (with_tensors)
+        best = std::max(best, sz_.size[*it]);
+    }
+    auto& names = w_.max_names;
+    names.clear();
+    for (auto it = q.rbegin(); it != q.rend(); ++it) {
+      const id x = *it;
+      if (!ix_.is_module(x)) {
+        if (with_tensors && sz_.size[x] == best) names.push_back(x);
+        continue;
+      }
+      if (layer_max_[x] != best) continue;
+      auto& st = w_.stack;
+      st.assign(1, x);
+      while (!st.empty()) {
+        const id m = st.back();
+        st.pop_back();
+        if (nodes_[m].children.empty() || ns_.flag[m]) {
+          if (sz_.size[m] == best) names.push_back(m);
+          continue;
+        }
+        const auto& ch = nodes_[m].children;
+        for (auto c = ch.rbegin(); c != ch.rend(); ++c)
+          if (layer_max_[*c] == best) st.push_back(static_cast<id>(*c));
+      }
+    }
+    // Kept sorted by pre-order position of the owning module, so the names below a popped
+    // entry are one contiguous range (erase_covered).
+    auto by_key = [&](id a, id b) { return name_key(a) < name_key(b); };
+    if (!std::is_sorted(names.begin(), names.end(), by_key))
+      std::sort(names.begin(), names.end(), by_key);
+    max_layer_ = best;
+  }
+  std::pair<id, id> name_key(id x) const { return {ix_.position(ix_.module_of(x)), x}; }
+  /// Drops the names equal to or below x from the (sorted) largest-layer names.
+  void erase_covered(id x) {
+    auto& names = w_.max_names;
+    if (names.empty()) return;
+    std::pair<id, id> lo, hi;
+    if (ix_.is_module(x)) {
+      lo = {ix_.position(x), 0};
+      hi = {ix_.subtree_end(x), 0};
+    } else {
+      lo = name_key(x);
+      hi = {lo.first, x + 1};
+    }
+    auto cmp = [&](id a, const std::pair<id, id>& k) { return name_key(a) < k; };
+    auto b = std::lower_bound(names.begin(), names.end(), lo, cmp);
+    auto e = std::lower_bound(b, names.end(), hi, cmp);
+    names.erase(b, e);
+  }
+
+  /// Tie groups relevant to entry x (some member strictly inside, not all), with accelerate's
+  /// substring test compared for §9.1. Fills w_.tie_params; returns the groups for verbose.
+  std::vector<const std::vector<std::string>*> relevant_ties(id x, const std::string& name,
+                                                             fit_report* rep) {
+    std::vector<const std::vector<std::string>*> groups;
+    w_.tie_params.clear();
+    const std::string dotted = name + ".";
+    for (std::size_t g = 0; g < ties_.groups.size(); ++g) {
+      const auto& names = ties_.groups[g];
+      const auto& items = ties_.items[g];
+      bool any = false, all = true, any_s = false, all_s = true, same = true;
+      for (std::size_t k = 0; k < names.size(); ++k) {
+        const bool in = items[k] != tree_index::none && ix_.strictly_covers(x, items[k]);
+        const bool ins = (names[k] + ".").find(dotted) != std::string::npos;
+        any = any || in;
+        all = all && in;
+        any_s = any_s || ins;
+        all_s = all_s && ins;
+        same = same && in == ins;
+      }
+      const bool rel = any && !all, rel_s = any_s && !all_s;
+      if (rep && (rel != rel_s || (rel && !same)))
+        rep->deviate("§9.1", "tie membership of `" + name +
+                                 "` uses a dotted prefix; accelerate's substring test would "
+                                 "have matched other names");
+      if (!rel) continue;
+      groups.push_back(&names);
+      for (std::size_t k = 0; k < names.size(); ++k)
+        if (!(items[k] != tree_index::none && ix_.strictly_covers(x, items[k])))
+          w_.tie_params.push_back(items[k]);
+    }
+    return groups;
+  }
+
+  /// get_module_size_with_ties over a reversed queue (plus `extra` at its back), fixed (§9.4,
+  /// §9.2): partners counted once, nothing subtracted, a missing partner adds nothing.
+  struct ties_size {
+    byte_size total, accelerate_total;
+  };
+  ties_size size_with_ties(byte_size size, const std::vector<id>& q, id extra) {
+    ties_size r{size, size};
+    w_.partners.clear();
+    w_.unique_partners.clear();
+    for (id p : w_.tie_params) {
+      if (p == tree_index::none) continue;
+      id hit = tree_index::none;
+      for (auto it = q.rbegin(); it != q.rend(); ++it)
+        if (ix_.strictly_covers(*it, p)) {
+          hit = *it;
+          break;
+        }
+      if (hit == tree_index::none && extra != tree_index::none && ix_.strictly_covers(extra, p))
+        hit = extra;
+      if (hit == tree_index::none) continue;
+      w_.partners.push_back(hit);
+      r.accelerate_total += sz_.size[hit] - sz_.size[p];
+      if (std::find(w_.unique_partners.begin(), w_.unique_partners.end(), hit) ==
+          w_.unique_partners.end()) {
+        w_.unique_partners.push_back(hit);
+        r.total += sz_.size[hit];
+      }
+    }
+    return r;
+  }
+
+  std::vector<std::string> partner_names() const {
+    std::vector<std::string> v;
+    for (id p : w_.partners) v.push_back(ix_.name(p));
+    return v;
+  }
+
+  void place(id x, device d) {
+    auto& slot = w_.slot;
+    if (slot[x] == no_slot) {
+      slot[x] = static_cast<std::uint32_t>(w_.placed.size());
+      w_.placed.emplace_back(x, d);
+    } else {
+      w_.placed[slot[x]].second = d;
+    }
+  }
+  static void erase_first(std::vector<id>& q, id x) {
+    for (auto it = q.end(); it != q.begin();) {
+      --it;
+      if (*it == x) {
+        q.erase(it);
+        return;
+      }
+    }
+  }
+
+  bool fallback(byte_size limit, id current, id& found, fit_report& rep);
+  device_map build_map();
+
+  plan_context& ctx_;
+  const tree_index& ix_;
+  const std::vector<module_node>& nodes_;
+  const max_memory& budgets_;
+  const plan_options& opt_;
+  const item_sizes& sz_;
+  const plan_context::split_info& ns_;
+  const std::vector<byte_size>& layer_max_;
+  const plan_context::tie_info& ties_;
+  plan_scratch& w_;
+  bool verbose_;
+  byte_size max_layer_;
+};
+
 /// accelerate's fallback_allocate: the first entry (depth-first through splittable modules)
 /// that fits `limit` with its tied partners, made a direct entry of the queue.
-inline std::optional<tree_entry> fallback_allocate(
-    const module_tree& tree, work_queue& queue, const module_sizes& sizes, byte_size limit,
-    const std::vector<std::string>& no_split, const std::vector<std::vector<std::string>>& tied,
-    const tree_entry& current, fit_report* report) {
-  if (limit.eighths() < 0) return std::nullopt;  // accelerate: ValueError -> no fallback
-  if (limit.is_float() && report)
-    report->deviate("§9.9",
-                    "fallback allocation with a fractional limit works; accelerate "
-                    "raises AttributeError");
-  work_queue search = queue;
-  std::optional<tree_entry> found;
+inline bool item_planner::fallback(byte_size limit, id current, id& found, fit_report& rep) {
+  if (limit.eighths() < 0) return false;  // accelerate: ValueError -> no fallback
+  if (limit.is_float())
+    rep.deviate("§9.9",
+                "fallback allocation with a fractional limit works; accelerate raises "
+                "AttributeError");
+  auto& search = w_.search;
+  search = w_.queue;
+  found = tree_index::none;
+  const bool tied = !ties_.groups.empty();
+  std::vector<id> kids;
   while (!search.empty()) {
-    tree_entry e = std::move(search.front());
-    search.pop_front();
-    auto ties = relevant_ties(e.name, tied, report);
-    // Partners are looked up in what is still to place, the entry being retried included
-    // (accelerate omits it and raises IndexError when it is a partner, §9.2).
-    tied_size ts;
-    if (ties.params.empty()) {
-      ts.total = sizes[e.name];
-    } else {
-      std::vector<tree_entry> pool(search.begin(), search.end());
-      pool.push_back(current);
-      ts = get_module_size_with_ties(ties.params, sizes[e.name], sizes, pool);
+    const id e = search.back();
+    search.pop_back();
+    byte_size total = sz_.size[e];
+    if (tied) {
+      relevant_ties(e, ix_.name(e), &rep);
+      // Partners are looked up in what is still to place, the entry being retried included
+      // (accelerate omits it and raises IndexError when it is a partner, §9.2).
+      if (!w_.tie_params.empty()) total = size_with_ties(sz_.size[e], search, current).total;
     }
-    if (ts.total <= limit) {
-      found = std::move(e);
+    if (total <= limit) {
+      found = e;
       break;
     }
-    if (!e.is_module() || tree.node(e.module).children.empty() ||
-        is_no_split(tree, e.module, no_split))
-      continue;
-    auto kids = split_entries(tree, e);
-    search.insert(search.begin(), kids.begin(), kids.end());
+    if (is_leaf(e)) continue;
+    split_kids(e, kids);
+    push_front(search, kids);
   }
-  if (!found) return std::nullopt;
-  // Expand every ancestor of the found entry that is a queue entry, shortest first.
-  const std::string& n = found->name;
-  for (std::size_t pos = n.find('.'); pos != std::string::npos; pos = n.find('.', pos + 1)) {
-    const std::string anc = n.substr(0, pos);
-    for (auto it = queue.begin(); it != queue.end(); ++it)
-      if (it->name == anc && it->is_module()) {
-        const tree_entry a = *it;
-        auto kids = split_entries(tree, a);
-        it = queue.erase(it);
-        queue.insert(it, kids.begin(), kids.end());
-        break;
+  if (found == tree_index::none) return false;
+  // Expand the queue entry holding the found one until it is a direct entry.
+  auto& q = w_.queue;
+  while (true) {
+    auto it = std::find_if(q.begin(), q.end(),
+                           [&](id a) { return ix_.is_module(a) && ix_.strictly_covers(a, found); });
+    if (it == q.end()) break;
+    split_kids(*it, kids);
+    it = q.erase(it);
+    q.insert(it, kids.rbegin(), kids.rend());
+  }
+  erase_first(q, found);
+  return true;
+}
+
+/// The placed entries as a device map, cleaned (accelerate's clean_device_map) on the tree:
+/// a module all of whose (at least two) placed keys below share a device replaces them, at the
+/// position of its first key; the whole model becomes "" when every key agrees.
+inline device_map item_planner::build_map() {
+  device_map map;
+  const auto& placed = w_.placed;
+  if (!opt_.clean_result) {
+    map.reserve(placed.size());
+    for (const auto& [x, d] : placed) map.append_new(ix_.name(x), d);
+    return map;
+  }
+  const std::size_t n = ix_.modules();
+  if (w_.below.size() != n) {
+    w_.below.assign(n, 0);
+    w_.first.assign(n, 0);
+    w_.uniform.assign(n, device::cpu());
+    w_.mixed.assign(n, 0);
+  }
+  w_.touched.clear();
+  auto parent_of = [&](id a) -> id { return ix_.parent(a); };
+  for (std::uint32_t pos = 0; pos < placed.size(); ++pos) {
+    const auto [x, d] = placed[pos];
+    for (id a = ix_.is_module(x) ? parent_of(x) : ix_.module_of(x); a != tree_index::none;
+         a = parent_of(a)) {
+      if (w_.below[a] == 0) {
+        w_.touched.push_back(a);
+        w_.first[a] = pos;
+        w_.uniform[a] = d;
+      } else if (w_.uniform[a] != d) {
+        w_.mixed[a] = 1;
       }
-  }
-  for (auto it = queue.begin(); it != queue.end(); ++it)
-    if (it->name == n) {
-      queue.erase(it);
-      break;
+      ++w_.below[a];
     }
-  return found;
-}
-
-/// Bytes of the buffers below a module (accelerate's compute_module_total_buffer_size of a
-/// submodule), by walking its subtree: only placed modules need it.
-inline byte_size subtree_buffer_bytes(const module_tree& tree, std::size_t m,
-                                      const plan_options& o) {
-  byte_size total{};
-  std::vector<std::size_t> stack{m};
-  while (!stack.empty()) {
-    const auto& n = tree.node(stack.back());
-    stack.pop_back();
-    for (const auto& b : n.buffers)
-      total += planned_tensor_size(join_name(n.path, b.name), b, o.dtype, o.special_dtypes);
-    for (std::size_t c : n.children) stack.push_back(c);
   }
-  return total;
+  if (w_.below[0] > 1 && !w_.mixed[0]) {
+    map.append_new("", w_.uniform[0]);
+  } else {
+    auto& out = w_.out;
+    out.clear();
+    for (std::uint32_t pos = 0; pos < placed.size(); ++pos) {
+      const id x = placed[pos].first;
+      id top = tree_index::none;
+      for (id a = ix_.is_module(x) ? parent_of(x) : ix_.module_of(x);
+           a != tree_index::none && a != 0; a = parent_of(a))
+        if (w_.below[a] > 1 && w_.mixed[a] != 1) top = a;
+      if (top == tree_index::none) {
+        out.emplace_back(pos, x);
+      } else if (w_.mixed[top] != 2) {
+        w_.mixed[top] = 2;  // emitted
+        out.emplace_back(w_.first[top], top);
+      }
+    }
+    std::sort(out.begin(), out.end());
+    map.reserve(out.size());
+    for (const auto& [pos, x] : out)
+      map.append_new(ix_.name(x), ix_.is_module(x) && x != placed[pos].first ? w_.uniform[x]
+                                                                             : placed[pos].second);
+  }
+  for (id a : w_.touched) {
+    w_.below[a] = 0;
+    w_.mixed[a] = 0;
+  }
+  return map;
 }
 
-}  // namespace detail
-
-/// accelerate's infer_auto_device_map on explicit budgets (no measuring). Sequential over the
-/// devices in budget order, then "disk". Departures from accelerate (§9), each recorded in
-/// report.deviations when it changes anything: tie membership by dotted prefix (§9.1), shared
-/// or already-placed partners do not crash (§9.2), a split module's own buffers are placed
-/// (§9.3), tied partners counted once (§9.4), a main device that cannot hold the largest layer
-/// reserves nothing for it (§9.7), zero-budget GPUs are not used (§9.8), fractional limits work
-/// in the fallback (§9.9).
-inline plan_result infer_auto_device_map(const module_tree& tree, const max_memory& budgets,
-                                         const plan_options& opt,
-                                         const module_sizes* precomputed = nullptr) {
+inline plan_result item_planner::run() {
   plan_result res;
-  res.budgets = budgets;
+  res.budgets = budgets_;
   fit_report& rep = res.report;
-  auto say = [&](std::string_view line) {
-    if (opt.verbose) opt.verbose(line);
-  };
-  const bool verbose = static_cast<bool>(opt.verbose);
 
   // Devices: budget order, zero-budget accelerators left out (§9.8), then disk.
   std::vector<device> devices;
-  for (const auto& [d, b] : budgets) {
+  std::vector<byte_size> limits;
+  for (const auto& [d, b] : budgets_) {
     if (d.is_accelerator() && b.eighths() == 0) {
       rep.deviate("§9.8", "device " + d.to_string() +
                               " has a zero budget and is not used; accelerate still visits it "
@@ -483,186 +834,186 @@ inline plan_result infer_auto_device_map(const module_tree& tree, const max_memo
       continue;
     }
     devices.push_back(d);
+    limits.push_back(b);
   }
-  if (std::find(devices.begin(), devices.end(), device::disk()) == devices.end())
+  if (std::find(devices.begin(), devices.end(), device::disk()) == devices.end()) {
     devices.push_back(device::disk());
-  std::vector<device> gpus;
-  for (auto d : devices)
-    if (!d.is_cpu() && !d.is_disk()) gpus.push_back(d);
-  std::vector<device> main_devices;
-  if (std::find(gpus.begin(), gpus.end(), device::mps()) != gpus.end())
-    main_devices = {device::mps()};
-  else if (!gpus.empty())
-    main_devices = {gpus.front(), device::cpu()};
-  else
-    main_devices = {device::cpu()};
-  auto is_main = [&](device d) {
-    return std::find(main_devices.begin(), main_devices.end(), d) != main_devices.end();
-  };
-
-  std::optional<module_sizes> own_sizes;
-  if (!precomputed) own_sizes = compute_module_sizes(tree, opt.dtype, opt.special_dtypes);
-  const module_sizes& sizes = precomputed ? *precomputed : *own_sizes;
-  bool any_buffers = false;
-  for (const auto& n : tree.nodes()) any_buffers = any_buffers || !n.buffers.empty();
-  const auto tied = find_tied_parameters(tree);
-  const auto& no_split = opt.no_split;
-
-  detail::work_queue queue;
-  for (auto& e : root_queue(tree)) queue.push_back(std::move(e));
-  device_map map;
-  std::size_t cur = 0;
-  std::unordered_map<device, byte_size, device_hash> used, buffer_bytes;
+    limits.push_back(byte_size{});
+  }
+  std::vector<char> main(devices.size(), 0);
+  bool any_gpu = false;
+  {
+    std::size_t first_gpu = devices.size(), mps = devices.size();
+    for (std::size_t i = 0; i < devices.size(); ++i) {
+      if (devices[i].is_cpu() || devices[i].is_disk()) continue;
+      any_gpu = true;
+      if (first_gpu == devices.size()) first_gpu = i;
+      if (devices[i].is_mps()) mps = i;
+    }
+    if (mps != devices.size()) {
+      main[mps] = 1;
+    } else {
+      if (first_gpu != devices.size()) main[first_gpu] = 1;
+      for (std::size_t i = 0; i < devices.size(); ++i)
+        if (devices[i].is_cpu()) main[i] = 1;
+    }
+  }
+  const std::size_t nd = devices.size();
+  std::vector<byte_size> used(nd), buffer_bytes(nd), layer_reserved(nd), weights(nd);
+  std::vector<char> reserved_set(nd, 0);
   std::vector<std::pair<device, byte_size>> min_needed;
-  std::unordered_map<device, byte_size, device_hash> layer_reserved;
 
-  auto [max_layer, max_names] = get_max_layer_size(
-      tree, std::vector<tree_entry>(queue.begin(), queue.end()), sizes, no_split);
-  auto recompute = [&] {
-    auto r = get_max_layer_size(tree, detail::module_entries(queue), sizes, no_split);
-    max_layer = r.first;
-    max_names = std::move(r.second);
-  };
+  auto& q = w_.queue;
+  q.clear();
+  w_.placed.clear();
+  if (w_.slot.size() != ix_.items()) w_.slot.assign(ix_.items(), no_slot);
+  // Root queue: direct parameters, children, direct buffers.
+  split_kids(0, w_.kids);
+  push_front(q, w_.kids);
+  compute_max(true);
 
-  // Every step places an entry, splits one, or moves to the next device; the bound only
-  // guards against a bug turning into an endless loop.
-  const std::size_t step_limit = 64 * (tree.size() + 16) * (devices.size() + 1);
-  std::size_t steps = 0;
-  while (!queue.empty()) {
+  const bool tied = !ties_.groups.empty();
+  const bool named = verbose_ || tied;
+  rep.placements.reserve(ix_.modules() / 4 + 16);
+  const std::size_t step_limit = 64 * (ix_.items() + 16) * (nd + 1);
+  std::size_t steps = 0, cur = 0;
+  std::string name;
+  while (!q.empty()) {
+    const id x = q.back();
+    q.pop_back();
     if (++steps > step_limit)
       throw placement_error("infer_auto_device_map did not converge (internal error) at `" +
-                            queue.front().name + "`");
-    tree_entry e = std::move(queue.front());
-    queue.pop_front();
-    const std::string& name = e.name;
-    if (verbose) {
+                            ix_.name(x) + "`");
+    if (named) name = ix_.name(x);
+    if (verbose_) {
       say("");
       say("Treating module " + name + ".");
     }
-    std::erase_if(max_names, [&](const std::string& n) {
-      return n == name || (n.size() > name.size() && covers(name, n));
-    });
-    if (max_names.empty()) recompute();
-    const byte_size size = sizes[name];
+    erase_covered(x);
+    if (w_.max_names.empty()) compute_max(false);
+    const byte_size size = sz_.size[x];
 
-    auto ties = detail::relevant_ties(name, tied, &rep);
-    if (verbose && !ties.params.empty()) {
-      say("  Found the relevant tied param groups " + detail::py_groups(ties.groups));
-      say("  So those parameters need to be taken into account " + detail::py_list(ties.params));
+    std::vector<const std::vector<std::string>*> groups;
+    w_.tie_params.clear();
+    if (tied) groups = relevant_ties(x, name, &rep);
+    const bool has_ties = !w_.tie_params.empty();
+    if (verbose_ && has_ties) {
+      std::vector<std::string> params;
+      for (id p : w_.tie_params) params.push_back(ix_.name(p));
+      say("  Found the relevant tied param groups " + detail::py_groups(groups));
+      say("  So those parameters need to be taken into account " + detail::py_list(params));
     }
 
     const device dev = devices[cur];
     const bool unlimited = dev.is_disk();
-    byte_size limit = unlimited ? byte_size{} : budgets.at(dev);
+    byte_size limit = limits[cur];
     byte_size reserved{};
-    if (!unlimited && is_main(dev)) {
-      if (max_layer > budgets.at(dev)) {
-        if (max_layer.eighths() > 0)
+    if (!unlimited && main[cur]) {
+      if (max_layer_ > limits[cur]) {
+        if (max_layer_.eighths() > 0)
           rep.deviate("§9.7", "device " + dev.to_string() + " cannot hold the largest layer (" +
-                                  max_layer.to_python_string() +
+                                  max_layer_.to_python_string() +
                                   " bytes) and reserves nothing for it; accelerate reserves it "
                                   "anyway and leaves the device unused");
       } else {
-        limit -= max_layer;
-        reserved = max_layer;
+        limit -= max_layer_;
+        reserved = max_layer_;
       }
     }
-    auto ts = get_module_size_with_ties(ties.params, size, sizes, queue);
-    if (ts.accelerate_total != ts.total)
-      rep.deviate("§9.4", "`" + name + "` with its tied partners needs " +
-                              ts.total.to_python_string() + " bytes; accelerate counts " +
-                              ts.accelerate_total.to_python_string());
-    if (ts.names.size() != ties.params.size())
-      rep.deviate("§9.2", "a tied partner of `" + name +
-                              "` is not in the queue (shared or already placed); accelerate "
-                              "raises IndexError");
-    byte_size& u = used[dev];
+    ties_size ts{size, size};
+    w_.partners.clear();
+    if (has_ties) {
+      ts = size_with_ties(size, q, tree_index::none);
+      if (ts.accelerate_total != ts.total)
+        rep.deviate("§9.4", "`" + name + "` with its tied partners needs " +
+                                ts.total.to_python_string() + " bytes; accelerate counts " +
+                                ts.accelerate_total.to_python_string());
+      if (w_.partners.size() != w_.tie_params.size())
+        rep.deviate("§9.2", "a tied partner of `" + name +
+                                "` is not in the queue (shared or already placed); accelerate "
+                                "raises IndexError");
+    }
+    byte_size& u = used[cur];
 
     // (A) it fits with its tied partners.
     if (unlimited || u + ts.total <= limit) {
-      if (verbose) {
+      if (verbose_) {
         std::string line = "Putting " + name;
-        line += ts.names.empty() ? " (size=" + size.to_python_string() + ")"
-                                 : " and " + detail::py_list(ts.names);
+        line += w_.partners.empty() ? " (size=" + size.to_python_string() + ")"
+                                    : " and " + detail::py_list(partner_names());
         if (!unlimited) line += " (available=" + (limit - u).to_python_string() + ")";
         say(line + " on " + dev.to_string() + ".");
       }
       u += ts.total;
-      map.set(name, dev);
-      rep.placements.push_back(
-          {name, dev, ts.total, ts.names.empty() ? "fits" : "fits with its tied partners"});
-      for (const auto& tn : ts.names) {
-        for (auto it = queue.begin(); it != queue.end(); ++it)
-          if (it->name == tn) {
-            queue.erase(it);
-            break;
-          }
-        map.set(tn, dev);
-        rep.placements.push_back({tn, dev, byte_size{}, "tied to " + name + " (counted there)"});
+      weights[cur] += ts.total;
+      place(x, dev);
+      rep.placements.push_back({named ? name : ix_.name(x), dev, ts.total,
+                                w_.partners.empty() ? "fits" : "fits with its tied partners"});
+      for (id tn : w_.partners) {
+        erase_first(q, tn);
+        place(tn, dev);
+        rep.placements.push_back(
+            {ix_.name(tn), dev, byte_size{}, "tied to " + name + " (counted there)"});
       }
-      if (!opt.offload_buffers && e.is_module() && any_buffers)
-        buffer_bytes[dev] += detail::subtree_buffer_bytes(tree, e.module, opt);
+      if (!opt_.offload_buffers && ix_.is_module(x) && sz_.any_buffers)
+        buffer_bytes[cur] += sz_.buffers[x];
       continue;
     }
 
     // (B) alone it fits, not with its partners: split a partner.
-    if (!ties.params.empty() && u + size <= limit) {
-      if (verbose)
+    if (has_ties && u + size <= limit) {
+      if (verbose_)
         say("Not enough space on " + dev.to_string() + " to put " + name + " and " +
-            detail::py_list(ts.names) + " (space available " + (limit - u).to_python_string() +
-            ", needed size " + ts.total.to_python_string() + ").");
+            detail::py_list(partner_names()) + " (space available " +
+            (limit - u).to_python_string() + ", needed size " + ts.total.to_python_string() + ").");
       bool split = false;
-      for (const auto& te : ts.entries) {
-        if (!te.is_module() || tree.node(te.module).children.empty() ||
-            is_no_split(tree, te.module, no_split))
-          continue;
-        if (verbose) say("Splitting " + te.name + ".");
-        bool had_buffers = false;
-        auto kids = detail::split_entries(tree, te, &had_buffers);
-        if (had_buffers)
-          rep.deviate("§9.3", "split module `" + te.name +
+      const std::vector<id> partners = w_.partners;
+      for (id te : partners) {
+        if (is_leaf(te)) continue;
+        if (verbose_) say("Splitting " + ix_.name(te) + ".");
+        if (split_kids(te, w_.kids))
+          rep.deviate("§9.3", "split module `" + ix_.name(te) +
                                   "` keeps its direct buffers in the queue; accelerate drops them");
-        auto it = std::find_if(queue.begin(), queue.end(),
-                               [&](const tree_entry& q) { return q.name == te.name; });
-        it = queue.erase(it);
-        queue.insert(it, kids.begin(), kids.end());
-        queue.push_front(e);
-        recompute();
+        auto it = std::find(q.begin(), q.end(), te);
+        if (it != q.end()) {
+          it = q.erase(it);
+          q.insert(it, w_.kids.rbegin(), w_.kids.rend());
+        }
+        q.push_back(x);
+        compute_max(false);
         split = true;
         break;
       }
       if (split) continue;
-      if (verbose) say("None of the tied module can be split, going to the next device.");
+      if (verbose_) say("None of the tied module can be split, going to the next device.");
     }
 
     // (C) the entry itself does not fit (an exact fit lands here too, as in accelerate).
-    if (u + size >= limit) {
-      const bool leaf = !e.is_module() || tree.node(e.module).children.empty() ||
-                        is_no_split(tree, e.module, no_split);
-      if (verbose)
+    if (unlimited || u + size >= limit) {
+      const bool leaf = is_leaf(x);
+      if (verbose_)
         say("Not enough space on " + dev.to_string() + " to put " + name + " (space available " +
             (limit - u).to_python_string() + ", module size " + size.to_python_string() + ").");
       if (leaf) {
-        if (verbose) say("This module cannot be split, going to the next device.");
+        if (verbose_) say("This module cannot be split, going to the next device.");
       } else {
-        if (verbose) say("Splitting " + name + ".");
-        bool had_buffers = false;
-        auto kids = detail::split_entries(tree, e, &had_buffers);
-        if (had_buffers)
-          rep.deviate("§9.3", "split module `" + name +
+        if (verbose_) say("Splitting " + name + ".");
+        if (split_kids(x, w_.kids))
+          rep.deviate("§9.3", "split module `" + ix_.name(x) +
                                   "` keeps its direct buffers in the queue; accelerate drops them");
-        queue.insert(queue.begin(), kids.begin(), kids.end());
-        recompute();
+        push_front(q, w_.kids);
+        compute_max(false);
         continue;
       }
     }
 
     // (D) fallback: the device is still empty, try any smaller entry.
-    if (u.eighths() == 0 && opt.fallback_allocation && !unlimited) {
-      const byte_size limit2 = budgets.at(dev) - std::max(max_layer, ts.total);
-      if (auto f = detail::fallback_allocate(tree, queue, sizes, limit2, no_split, tied, e, &rep)) {
-        queue.push_front(e);
-        queue.push_front(*f);
+    if (u.eighths() == 0 && opt_.fallback_allocation && !unlimited) {
+      const byte_size limit2 = limits[cur] - std::max(max_layer_, ts.total);
+      id f = tree_index::none;
+      if (fallback(limit2, x, f, rep)) {
+        q.push_back(x);
+        q.push_back(f);
         continue;
       }
     }
@@ -670,26 +1021,30 @@ inline plan_result infer_auto_device_map(const module_tree& tree, const max_memo
     // (E) give up on this device.
     if (u.eighths() == 0) min_needed.emplace_back(dev, ts.total + reserved);
     u += reserved;
-    layer_reserved[dev] = reserved;
+    layer_reserved[cur] = reserved;
+    reserved_set[cur] = 1;
     ++cur;
-    queue.push_front(std::move(e));
+    q.push_back(x);
   }
 
-  if (opt.clean_result) map = clean_device_map(map);
-  res.map = std::move(map);
+  res.map = build_map();
+  for (const auto& [x, d] : w_.placed) w_.slot[x] = no_slot;
 
   // Buffer check: buffers of CPU/disk-placed modules stay resident on the execution device.
-  if (!opt.offload_buffers) {
-    byte_size need = buffer_bytes[device::cpu()] + buffer_bytes[device::disk()];
+  if (!opt_.offload_buffers) {
+    byte_size need{};
+    for (std::size_t i = 0; i < nd; ++i)
+      if (devices[i].is_cpu() || devices[i].is_disk()) need += buffer_bytes[i];
     if (need.eighths() > 0) {
       bool fits_any = false;
-      for (const auto& [d, b] : budgets) {
+      for (const auto& [d, b] : budgets_) {
         if (d.is_cpu() || d.is_disk()) continue;
-        auto it = used.find(d);
-        const byte_size ud = it == used.end() ? byte_size{} : it->second;
+        byte_size ud{};
+        for (std::size_t i = 0; i < nd; ++i)
+          if (devices[i] == d) ud = used[i];
         if (b >= need + ud) fits_any = true;
       }
-      if (!gpus.empty() && !fits_any)
+      if (any_gpu && !fits_any)
         rep.warnings.push_back("Current model requires " + need.to_python_string() +
                                " bytes of buffer for offloaded layers, which seems does not fit "
                                "any GPU's remaining memory. If you are experiencing a OOM later, "
@@ -709,16 +1064,15 @@ inline plan_result infer_auto_device_map(const module_tree& tree, const max_memo
   }
 
   // Usage per device (weights as placed, not counting the layer reservation).
-  for (const auto& d : devices) {
-    device_usage du{d, std::nullopt, {}, {}, {}};
-    if (auto b = budgets.find(d); b && !d.is_disk()) du.budget = *b;
-    for (const auto& p : rep.placements)
-      if (p.target == d) du.weights += p.size;
-    if (auto it = layer_reserved.find(d); it != layer_reserved.end())
-      du.reserved_layer = it->second;
+  for (std::size_t i = 0; i < nd; ++i) {
+    const device d = devices[i];
+    device_usage du{d, std::nullopt, weights[i], {}, {}};
+    if (!d.is_disk())
+      if (auto b = budgets_.find(d)) du.budget = *b;
+    if (reserved_set[i]) du.reserved_layer = layer_reserved[i];
     if (du.weights.eighths() > 0 || du.budget) rep.devices.push_back(du);
   }
-  if (!opt.allow_disk_offload) {
+  if (!opt_.allow_disk_offload) {
     byte_size on_disk{};
     std::string first;
     for (const auto& p : rep.placements)
@@ -730,7 +1084,7 @@ inline plan_result infer_auto_device_map(const module_tree& tree, const max_memo
       std::string where;
       for (const auto& [d, b] : min_needed)
         where += (where.empty() ? "" : ", ") + d.to_string() + " needs at least " +
-                 b.to_python_string() + " bytes (budget " + budgets.at(d).to_python_string() + ")";
+                 b.to_python_string() + " bytes (budget " + budgets_.at(d).to_python_string() + ")";
       throw placement_error(
           "the model does not fit without disk offload: " + on_disk.to_python_string() +
           " more bytes (starting with `" + first + "`) need room on a GPU or the CPU" +
@@ -738,6 +1092,41 @@ inline plan_result infer_auto_device_map(const module_tree& tree, const max_memo
     }
   }
   return res;
+}
+
+/// infer_auto_device_map under a size rule (the Transformers rule for placement::auto_).
+inline plan_result plan_items(plan_context& ctx, const max_memory& budgets, const plan_options& opt,
+                              size_rule rule) {
+  return item_planner(ctx, budgets, opt, rule).run();
+}
+
+}  // namespace detail
+
+/// accelerate's infer_auto_device_map on explicit budgets (no measuring). Sequential over the
+/// devices in budget order, then "disk". Departures from accelerate (§9), each recorded in
+/// report.deviations when it changes anything: tie membership by dotted prefix (§9.1), shared
+/// or already-placed partners do not crash (§9.2), a split module's own buffers are placed
+/// (§9.3), tied partners counted once (§9.4), a main device that cannot hold the largest layer
+/// reserves nothing for it (§9.7), zero-budget GPUs are not used (§9.8), fractional limits work
+/// in the fallback (§9.9). With a plan_context, everything that depends only on the tree is
+/// computed once for all plans.
+inline plan_result infer_auto_device_map(plan_context& ctx, const max_memory& budgets,
+                                         const plan_options& opt) {
+  return detail::plan_items(ctx, budgets, opt, size_rule::accelerate);
+}
+
+/// The same planner with sizes counted by `rule`: size_rule::transformers gives Transformers
+/// v5's infer_auto_device_map (element sizes, buffers in their own dtype; tied partners counted
+/// once, as the planner always does).
+inline plan_result infer_auto_device_map(plan_context& ctx, const max_memory& budgets,
+                                         const plan_options& opt, size_rule rule) {
+  return detail::plan_items(ctx, budgets, opt, rule);
+}
+
+inline plan_result infer_auto_device_map(const module_tree& tree, const max_memory& budgets,
+                                         const plan_options& opt) {
+  plan_context ctx(tree);
+  return infer_auto_device_map(ctx, budgets, opt);
 }
 
 }  // namespace stowage

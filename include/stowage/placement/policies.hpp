@@ -42,26 +42,40 @@ template <class... T>
   requires(!module_class_name_v<T>.empty() && ...)
 inline const std::vector<std::string> no_split = {std::string(module_class_name_v<T>)...};
 
+/// A policy that can also plan through a plan_context (the built-in ones): repeated planning of
+/// one tree reuses what depends only on the tree.
+template <class P>
+concept context_policy = placement_policy<P> &&
+    requires(const P& p, plan_context& c, const max_memory& m, const plan_options& o) {
+  { p.plan(c, m, o) } -> std::same_as<plan_result>;
+};
+
 namespace placement {
 
 /// accelerate's "sequential": the budgets as given; fills GPU 0, then 1, ..., then CPU, disk.
 struct sequential {
   static constexpr std::string_view name = "sequential";
+  plan_result plan(plan_context& c, const max_memory& m, const plan_options& o) const {
+    return infer_auto_device_map(c, m, o);
+  }
   plan_result plan(const module_tree& t, const max_memory& m, const plan_options& o) const {
-    return infer_auto_device_map(t, m, o);
+    plan_context c(t);
+    return plan(c, m, o);
   }
 };
 
 namespace detail {
-inline plan_result balanced_plan(const module_tree& t, const max_memory& m, const plan_options& o,
-                                 bool low_zero) {
-  fit_report notes;
-  const auto sizes = compute_module_sizes(t, o.dtype, o.special_dtypes);  // shared by both steps
-  const max_memory b =
-      get_balanced_memory(t, m, {o.no_split, o.dtype, o.special_dtypes, low_zero}, &notes, &sizes);
-  plan_result r = infer_auto_device_map(t, b, o, &sizes);
+inline void merge_notes(plan_result& r, fit_report& notes) {
   r.report.info.insert(r.report.info.begin(), notes.info.begin(), notes.info.end());
   for (auto& d : notes.deviations) r.report.deviate(d.item, d.message);
+}
+inline plan_result balanced_plan(plan_context& c, const max_memory& m, const plan_options& o,
+                                 bool low_zero) {
+  fit_report notes;
+  const max_memory b =
+      get_balanced_memory(c, m, {o.no_split, o.dtype, o.special_dtypes, low_zero}, &notes);
+  plan_result r = infer_auto_device_map(c, b, o);
+  merge_notes(r, notes);
   return r;
 }
 }  // namespace detail
@@ -69,8 +83,12 @@ inline plan_result balanced_plan(const module_tree& t, const max_memory& m, cons
 /// accelerate's "balanced": GPU budgets lowered so the model spreads evenly over the GPUs.
 struct balanced {
   static constexpr std::string_view name = "balanced";
+  plan_result plan(plan_context& c, const max_memory& m, const plan_options& o) const {
+    return detail::balanced_plan(c, m, o, false);
+  }
   plan_result plan(const module_tree& t, const max_memory& m, const plan_options& o) const {
-    return detail::balanced_plan(t, m, o, false);
+    plan_context c(t);
+    return plan(c, m, o);
   }
 };
 
@@ -78,14 +96,35 @@ struct balanced {
 /// (room for generation there).
 struct balanced_low_0 {
   static constexpr std::string_view name = "balanced_low_0";
+  plan_result plan(plan_context& c, const max_memory& m, const plan_options& o) const {
+    return detail::balanced_plan(c, m, o, true);
+  }
   plan_result plan(const module_tree& t, const max_memory& m, const plan_options& o) const {
-    return detail::balanced_plan(t, m, o, true);
+    plan_context c(t);
+    return plan(c, m, o);
   }
 };
 
-/// What Transformers' device_map="auto" resolves to: balanced budgets.
-struct auto_ : balanced {
+/// What Transformers' from_pretrained(device_map="auto") resolves to (v5,
+/// transformers.integrations.accelerate._get_device_map): Transformers' own balanced budgets
+/// (transformers_balanced_memory: sizes by element size with buffers in their own dtype, buffer
+/// from the largest no-split instance and the largest directly owned tensors, no allocator
+/// slack), then the planner on those sizes (size_rule::transformers). Tied partners count once
+/// (as Transformers does), and the planner's other §9 fixes apply.
+struct auto_ {
   static constexpr std::string_view name = "auto";
+  plan_result plan(plan_context& c, const max_memory& m, const plan_options& o) const {
+    fit_report notes;
+    const max_memory b =
+        transformers_balanced_memory(c, m, {o.no_split, o.dtype, o.special_dtypes, false}, &notes);
+    plan_result r = stowage::detail::plan_items(c, b, o, size_rule::transformers);
+    detail::merge_notes(r, notes);
+    return r;
+  }
+  plan_result plan(const module_tree& t, const max_memory& m, const plan_options& o) const {
+    plan_context c(t);
+    return plan(c, m, o);
+  }
 };
 
 /// The run-time names, for command lines and JSON. Never the other way round: code picks a type.
@@ -271,8 +310,16 @@ inline fit_report make_fit_report(const module_tree& tree, const device_map& map
 /// the budgets), runtime memory is reserved (activation workspace off every accelerator's
 /// budget, KV cache added to every no-split layer), then the policy places the rest.
 template <placement_policy Policy>
-plan_result infer_device_map(const module_tree& tree, const max_memory& budgets,
+plan_result infer_device_map(plan_context& ctx, const max_memory& budgets,
                              const plan_options& options = {}, const Policy& policy = {}) {
+  const module_tree& tree = ctx.tree();
+  // The common case: nothing to pin or reserve; a built-in policy plans on the context.
+  if constexpr (context_policy<Policy>)
+    if (options.overrides.empty() && !options.runtime.active()) {
+      plan_result r = policy.plan(ctx, budgets, options);
+      r.budgets = budgets;
+      return r;
+    }
   max_memory b = budgets;
   const module_tree* work = &tree;
   std::optional<module_tree> reduced;
@@ -343,8 +390,15 @@ plan_result infer_device_map(const module_tree& tree, const max_memory& budgets,
   }
 
   plan_result r;
-  if constexpr (std::same_as<std::remove_cvref_t<decltype(policy.plan(*work, b, options))>,
-                             plan_result>) {
+  if constexpr (context_policy<Policy>) {
+    if (work == &tree) {
+      r = policy.plan(ctx, b, options);
+    } else {
+      plan_context reduced_ctx(*work);
+      r = policy.plan(reduced_ctx, b, options);
+    }
+  } else if constexpr (std::same_as<std::remove_cvref_t<decltype(policy.plan(*work, b, options))>,
+                                    plan_result>) {
     r = policy.plan(*work, b, options);
   } else {
     r.map = policy.plan(*work, b, options);
@@ -352,10 +406,12 @@ plan_result infer_device_map(const module_tree& tree, const max_memory& budgets,
     r.report = detail::make_fit_report(*work, r.map, b, options);
   }
   // The synthetic KV buffers never appear as keys (layers are not split).
-  std::vector<std::string> synthetic;
-  for (const auto& [k, d] : r.map)
-    if (k.ends_with("stowage_kv_cache")) synthetic.push_back(k);
-  for (const auto& k : synthetic) r.map.erase(k);
+  if (rt.batch_size > 0 && rt.context_length > 0) {
+    std::vector<std::string> synthetic;
+    for (const auto& [k, d] : r.map)
+      if (k.ends_with("stowage_kv_cache")) synthetic.push_back(k);
+    for (const auto& k : synthetic) r.map.erase(k);
+  }
   if (!pinned.empty()) {
     detail::expand_around(tree, r.map, pinned, touched);
     if (options.clean_result) r.map = clean_device_map(r.map);
@@ -377,11 +433,35 @@ plan_result infer_device_map(const module_tree& tree, const max_memory& budgets,
   return r;
 }
 
+/// Plans a tree once (see the plan_context overload to plan the same tree repeatedly).
+template <placement_policy Policy>
+plan_result infer_device_map(const module_tree& tree, const max_memory& budgets,
+                             const plan_options& options = {}, const Policy& policy = {}) {
+  plan_context ctx(tree);
+  return infer_device_map<Policy>(ctx, budgets, options, policy);
+}
+
 /// Typed models: planned through their module tree.
 template <placement_policy Policy, module_type Model>
 plan_result infer_device_map(const Model& model, const max_memory& budgets,
                              const plan_options& options = {}, const Policy& policy = {}) {
   return infer_device_map<Policy>(to_module_tree(model), budgets, options, policy);
+}
+
+/// The run-time form on a plan_context, for planning one tree repeatedly.
+inline plan_result infer_device_map(std::string_view strategy, plan_context& ctx,
+                                    const max_memory& budgets, const plan_options& options = {}) {
+  switch (placement::parse_strategy(strategy)) {
+    case placement::strategy::auto_:
+      return infer_device_map<placement::auto_>(ctx, budgets, options);
+    case placement::strategy::balanced:
+      return infer_device_map<placement::balanced>(ctx, budgets, options);
+    case placement::strategy::balanced_low_0:
+      return infer_device_map<placement::balanced_low_0>(ctx, budgets, options);
+    case placement::strategy::sequential:
+      return infer_device_map<placement::sequential>(ctx, budgets, options);
+  }
+  throw placement_error("unknown placement strategy");
 }
 
 /// The run-time form, for command lines: "auto", "balanced", "balanced_low_0", "sequential".
