@@ -244,7 +244,9 @@ int run(const cli& c, const fs::path& dir, sw::pretrained_options o) {
   for (const auto& [d, v] : per)
     std::cout << "  " << d << ": " << v.first << " entries, " << human(v.second) << "\n";
   if (m.quantized_bytes())
-    std::cout << "  quantized on load: " << human(m.quantized_bytes()) << " in host memory\n";
+    std::cout << "  quantized: " << m.quantized_linear_count() << " linear weights, "
+              << human(m.quantized_bytes())
+              << " (packed + scales, quantized as they loaded; run in place)\n";
   if (const auto& f = m.weights().offload_folder())
     std::cout << "  offload folder: " << f->string() << " ("
               << human(m.report().offload_bytes_written) << " written, "

@@ -2,7 +2,9 @@
 // loaded through from_pretrained all on "cpu", split cpu/disk, and all on "disk" give the same
 // logits, equal to Transformers' (fixture) within 1e-4 in float32; bfloat16 weights match
 // Transformers run on the same bf16-rounded weights within the same tolerance. The prefetcher
-// keeps at most blocks_in_flight blocks in flight during a real forward.
+// keeps at most blocks_in_flight blocks in flight during a real forward. Quantized models
+// (nf4, nf4 with double quantization, LLM.int8) quantize on load, hold only the quantized
+// model, and give Transformers' logits on the dequantized weights on every placement.
 #include <stowage/checkpoint/safetensors.hpp>
 #include <stowage/dispatch/from_pretrained.hpp>
 
@@ -15,6 +17,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -208,59 +211,157 @@ TEST_CASE("prefetch during a real forward stays within blocks_in_flight",
   }
 }
 
-TEST_CASE("quantized precisions quantize on load and stay close to fp32",
-          "[dispatch][offload][quantized]") {
-  const auto fx = read_json(fixtures + "llama_gqa.json");
-  const auto dir = fixtures + fx["model_dir"].get<std::string>();
-  const auto prompt = fx["prompt"].get<std::vector<std::int64_t>>();
-  const auto expect = b64_floats(fx["logits_all"]["f32le_b64"]);
-  float scale = 0;
-  for (float v : expect) scale = std::max(scale, std::abs(v));
-  temp_dir tmp;
-  auto o = options_for(sw::device_map{{"", sw::device::cpu()}}, tmp.path / "offload");
-  auto q8 = sw::from_pretrained<
-      sw::models::llama_for_causal_lm<sw::precision::int8<sw::precision::fp32>>>(dir, o);
-  CHECK(q8.quantized_bytes() > 0);
-  // LLM.int8 weights: error well under 5% of the logit range on these random weights.
-  CHECK(max_abs_diff(q8.forward(prompt, sw::exec::logits_mode::all), expect) <= 0.05f * scale);
-  auto q4 =
-      sw::from_pretrained<sw::models::llama_for_causal_lm<sw::precision::nf4<sw::precision::fp32>>>(
-          dir, o);
-  CHECK(q4.quantized_bytes() > 0);
-  // NF4's row decoder reads exactly what bitsandbytes' dequantize_4bit gives: the fp32 forward
-  // on dequantized weights is the reference.
+namespace {
+
+/// One case of quantized_forward.json (tools/gen_quantized_forward_fixtures.py): Transformers'
+/// float32 logits with every quantized Linear replaced by what bitsandbytes dequantizes it to.
+/// Model is the typed model that quantizes the same way.
+template <class Model>
+void check_quantized(const nlohmann::json& c) {
+  const auto dir = fixtures + c["model_dir"].get<std::string>();
+  const auto prompt = c["prompt"].get<std::vector<std::int64_t>>();
+  const auto expect = b64_floats(c["logits_all"]["f32le_b64"]);
+  const auto vocab = static_cast<std::size_t>(c["logits_all"]["shape"][1].get<std::int64_t>());
+  const bool four_bit = c["config"] != "int8";
+  const bool nested = c["config"] == "nf4_dq";
+  std::set<std::string> quantized;
+  for (const auto& q : c["quantized_modules"]) quantized.insert(q.get<std::string>() + ".weight");
+  // What the model holds: the checkpoint's other tensors as they are (float32), and for each
+  // quantized weight its packed bytes and scales (+ small state tensors: quant_map, JSON,
+  // nested map, weight_format).
   auto file = sw::checkpoint::safetensors_file::open(dir + "/model.safetensors");
-  std::vector<std::unique_ptr<std::vector<float>>> keep;
-  const auto dims = sw::exec::llama_dims::from_file(dir + "/config.json");
-  sw::exec::named_llama_weights deq(
-      dims, [&](std::string_view n) -> std::optional<sw::exec::weight_ref> {
-        const auto* e = file.find(n);
-        if (!e) return std::nullopt;
-        const auto v = file.view(*e);
-        const auto& sh = v.desc.shape;
-        const std::int64_t rows = sh.rank() == 2 ? sh[0] : 1, cols = sh.rank() == 2 ? sh[1] : sh[0];
-        const auto* f = reinterpret_cast<const float*>(v.data());
-        if (!sw::detail::quantized_linears::is_linear_weight(n))
-          return sw::exec::weight_ref::from_f32(f, rows, cols, std::string(n));
-        const std::int64_t shape[2] = {rows, cols};
-        const auto q = sw::precision::quantize_4bit(f, sw::dtype::float32, shape,
-                                                    {.type = sw::precision::quant_type::nf4,
-                                                     .blocksize = 64,
-                                                     .double_quant = false,
-                                                     .offset = {}});
-        keep.push_back(std::make_unique<std::vector<float>>(sw::precision::dequantize_4bit(q)));
-        return sw::exec::weight_ref::from_f32(keep.back()->data(), rows, cols, std::string(n));
-      });
-  sw::exec::thread_pool pool(2);
-  sw::exec::llama_cpu_forward ref(dims, deq, pool);
-  auto cache = ref.make_cache(1, 16);
-  CHECK(max_abs_diff(q4.forward(prompt, sw::exec::logits_mode::all),
-                     ref.forward(prompt, 1, cache, sw::exec::logits_mode::all)) <= 1e-4f);
-  auto bad = o;
-  bad.dtype = sw::dtype::bfloat16;
+  std::uint64_t full = 0, others = 0, packed_and_scales = 0;
+  for (const auto& e : file.tensors()) {
+    const auto v = file.view(e);
+    const auto n = static_cast<std::uint64_t>(v.desc.shape.numel());
+    full += v.size();
+    if (!quantized.count(v.desc.name)) {
+      others += v.size();
+      continue;
+    }
+    const std::uint64_t rows = static_cast<std::uint64_t>(v.desc.shape[0]);
+    const std::uint64_t blocks = (n + 63) / 64;
+    packed_and_scales +=
+        four_bit ? (n + 1) / 2 + (nested ? blocks + 4 * ((blocks + 255) / 256) : 4 * blocks)
+                 : n + 4 * rows;
+  }
+  REQUIRE(packed_and_scales > 0);
+
+  temp_dir tmp;
+  const auto cfg = sw::models::llama_config::from_file(dir + "/config.json");
+  std::optional<std::vector<float>> first;
+  std::optional<std::vector<std::int64_t>> first_tokens;
+  for (const auto& [label, map] : placements(cfg.num_hidden_layers)) {
+    INFO("placement " << label);
+    auto m = sw::from_pretrained<Model>(dir, options_for(map, tmp.path / label));
+    // Quantized as they streamed in; the store holds only the quantized model.
+    CHECK(m.report().quantized_on_load == quantized.size());
+    CHECK(m.quantized_linear_count() == quantized.size());
+    const auto& store = m.weights().weights();
+    for (const auto& q : quantized) {
+      INFO("weight " << q);
+      CHECK(sw::quantized_layout_of(store, q) ==
+            (four_bit ? sw::quantized_layout::bnb_4bit : sw::quantized_layout::bnb_int8));
+      CHECK(store.view(q).desc.dtype == (four_bit ? sw::dtype::uint8 : sw::dtype::int8));
+    }
+    const std::uint64_t host = store.bytes_in(sw::storage::storage_kind::host) +
+                               store.bytes_in(sw::storage::storage_kind::pinned_host);
+    const std::uint64_t disk = store.bytes_in(sw::storage::storage_kind::file);
+    CHECK(host + disk == others + m.quantized_bytes());
+    CHECK(m.quantized_bytes() >= packed_and_scales);
+    CHECK(m.quantized_bytes() <= packed_and_scales + quantized.size() * 2048);
+    CHECK(host + disk < full);
+    if (label == "all cpu") CHECK(disk == 0);
+    if (label == "all disk") {
+      CHECK(host == 0);
+      CHECK(store.view(*quantized.begin()).kind == sw::storage::storage_kind::file);
+    }
+
+    // Same weights as Transformers' (same numbers): float32 summation noise only. Double
+    // quantization: torch's float32 mean of the block scales (the nested offset) is not
+    // reproducible bit for bit (precision/nf4.hpp absmax_mean); where ours differs in the last
+    // bit, a few 8-bit scale codes move one step and the weights are not the same numbers:
+    // stated tolerance 0.2% of the logit range there.
+    float tol = 1e-4f;
+    for (const auto& [module, offset] : c["nested_offsets"].items()) {
+      const auto q = sw::quantized_weight::from_store(store, module + ".weight");
+      REQUIRE(q.state().nested);
+      if (q.state().offset != offset.template get<float>()) {
+        float range = 0;
+        for (float v : expect) range = std::max(range, std::abs(v));
+        tol = 2e-3f * range;
+        UNSCOPED_INFO("nested offset of " << module << " differs from torch's in the last bit");
+      }
+    }
+    // Prefill of 7 rows: the fused kernels (gemm_4bit / gemm_int8).
+    const auto got = m.forward(prompt, sw::exec::logits_mode::all);
+    CHECK(max_abs_diff(got, expect) <= tol);
+    if (!first)
+      first = got;
+    else
+      CHECK(max_abs_diff(got, *first) == 0.0f);  // placement never changes the numbers
+    // Two prompts at once (14 rows): the row decoder + float32 GEMM path.
+    {
+      std::vector<std::int64_t> ids = prompt;
+      ids.insert(ids.end(), prompt.begin(), prompt.end());
+      auto cache = m.make_cache(2, static_cast<std::int64_t>(prompt.size()));
+      const auto both = m.forward(ids, 2, cache, sw::exec::logits_mode::all);
+      REQUIRE(both.size() == 2 * expect.size());
+      CHECK(max_abs_diff(std::span<const float>(both).first(expect.size()), expect) <= tol);
+      CHECK(max_abs_diff(std::span<const float>(both).last(expect.size()), expect) <= tol);
+    }
+    // Token by token through the KV cache (decode: one row per product).
+    {
+      auto cache = m.make_cache(1, static_cast<std::int64_t>(prompt.size()));
+      for (std::size_t t = 0; t < prompt.size(); ++t) {
+        const std::int64_t one[1] = {prompt[t]};
+        const auto row = m.forward(one, 1, cache, sw::exec::logits_mode::last);
+        CHECK(max_abs_diff(row, std::span<const float>(expect).subspan(t * vocab, vocab)) <= tol);
+      }
+    }
+    const auto tokens = m.generate(prompt, {.max_new_tokens = 8,
+                                            .eos_token_ids = std::vector<std::int64_t>{},
+                                            .sampling = {},
+                                            .on_token = {},
+                                            .on_prompt_logits = {}});
+    CHECK(tokens.size() == 8);
+    if (!first_tokens)
+      first_tokens = tokens;
+    else
+      CHECK(tokens == *first_tokens);
+    if (label == "all disk") CHECK(m.prefetcher().stats().bytes_requested > 0);
+  }
+}
+
+}  // namespace
+
+TEST_CASE(
+    "quantized models quantize on load and run from the store: = Transformers on the "
+    "dequantized weights, on every placement",
+    "[dispatch][offload][quantized][conformance]") {
+  namespace p = sw::precision;
+  const auto fx = read_json(fixtures + "quantized_forward.json");
+  for (const auto& c : fx["cases"]) {
+    const auto model = c["model"].get<std::string>(), config = c["config"].get<std::string>();
+    DYNAMIC_SECTION(model << " " << config) {
+      if (config == "nf4")
+        check_quantized<sw::models::llama_for_causal_lm<p::nf4<p::fp32>>>(c);
+      else if (config == "nf4_dq")
+        check_quantized<sw::models::llama_for_causal_lm<p::nf4<p::fp32, true>>>(c);
+      else if (config == "int8")
+        check_quantized<sw::models::llama_for_causal_lm<p::int8<p::fp32>>>(c);
+      else
+        FAIL("unknown config " << config);
+    }
+  }
+}
+
+TEST_CASE("a quantized model type takes no floating dtype", "[dispatch][offload][quantized]") {
+  auto o = options_for(sw::device_map{{"", sw::device::cpu()}}, fs::temp_directory_path());
+  o.dtype = sw::dtype::bfloat16;
   CHECK_THROWS_AS(
       sw::from_pretrained<sw::models::llama_for_causal_lm<sw::precision::nf4<sw::precision::fp32>>>(
-          dir, bad),
+          fixtures + "models/llama_gqa", o),
       sw::invalid_config);
 }
 

@@ -4,11 +4,16 @@
 // in flight.
 #include <stowage/dispatch/load.hpp>
 #include <stowage/dispatch/offload.hpp>
+#include <stowage/dispatch/quantized_weights.hpp>
+#include <stowage/exec/cpu/linear.hpp>
 #include <stowage/models/llama.hpp>
+#include <stowage/module/init_empty.hpp>
+#include <stowage/module/to_module_tree.hpp>
 
 #include <catch2/catch.hpp>
 
 #include <unistd.h>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -257,4 +262,52 @@ TEST_CASE("block_prefetcher keeps at most blocks_in_flight blocks requested",
       CHECK(p.in_flight() == s.requests - s.releases);
     }
   CHECK_THROWS_AS(sw::block_prefetcher({}, {.blocks_in_flight = 0}), sw::invalid_config);
+}
+
+TEST_CASE(
+    "quantized weights multiply in place: fused product for small batches, row decoder "
+    "beyond, both equal to the dequantized float32 product",
+    "[dispatch][quantized][linear]") {
+  // down_proj of llama_gqa: [64, 160], so 4-bit blocks of 64 cross rows (160 = 2.5 blocks).
+  const std::string dir = std::string(STOWAGE_FIXTURES_DIR) + "/tiny/models/llama_gqa";
+  const auto tree = sw::to_module_tree(
+      sw::init_empty<model_t>(sw::models::llama_config::from_file(dir + "/config.json")));
+  const std::string name = "model.layers.1.mlp.down_proj.weight";
+  sw::exec::thread_pool pool(2);
+  for (const bool four_bit : {true, false}) {
+    INFO((four_bit ? "nf4" : "int8"));
+    sw::load_options lo;
+    lo.progress = sw::progress_mode::never;
+    sw::precision::bnb_config c;
+    (four_bit ? c.load_in_4bit : c.load_in_8bit) = true;
+    lo.quantization = c;
+    const auto loaded =
+        sw::load_checkpoint_in_model(tree, dir + "/model.safetensors", {{"", "cpu"}}, lo);
+    const auto q = sw::quantized_weight::from_store(loaded.weights, name);
+    REQUIRE(q.rows() == 64);
+    REQUIRE(q.cols() == 160);
+    std::vector<float> w(64 * 160);
+    sw::dequantize_into(loaded.weights, name, w.data());
+    const auto ref = q.weight_ref();
+    CHECK(ref.matmul != nullptr);
+    std::vector<float> bias(64);
+    for (std::size_t i = 0; i < bias.size(); ++i) bias[i] = 0.01f * static_cast<float>(i);
+    for (const std::int64_t m : {1, 3, 8, 9, 20}) {  // <= 8: fused; > 8: row decoder + GEMM
+      INFO("rows " << m);
+      std::vector<float> x(static_cast<std::size_t>(m) * 160);
+      for (std::size_t i = 0; i < x.size(); ++i)
+        x[i] = std::sin(0.37f * static_cast<float>(i)) * (1.0f + 0.01f * static_cast<float>(i % 7));
+      const auto y = sw::exec::cpu::linear(x, m, ref, bias, pool);
+      REQUIRE(y.size() == static_cast<std::size_t>(m) * 64);
+      for (std::int64_t i = 0; i < m; ++i)
+        for (std::size_t r = 0; r < 64; ++r) {
+          double want = bias[r];
+          for (std::size_t k = 0; k < 160; ++k)
+            want += static_cast<double>(x[static_cast<std::size_t>(i) * 160 + k]) * w[r * 160 + k];
+          const float got = y[static_cast<std::size_t>(i) * 64 + r];
+          if (std::abs(got - want) > 1e-5 * (1.0 + std::abs(want)))
+            FAIL("row " << i << " output " << r << ": " << got << " vs " << want);
+        }
+    }
+  }
 }

@@ -4,17 +4,23 @@
 //   run-time strategy string) -> load_checkpoint_and_dispatch -> hooks + offloaded_llama_weights
 //   -> a ready model with forward, generate, hf_device_map, and the tokenizer when the folder
 //   has tokenizer.json.
-// Precision comes from the model type: fp32 / fp16 / bf16 load in that dtype; int8 / nf4 load
-// the checkpoint in the policy's compute dtype and quantize every decoder linear weight on the
-// way into host memory (bitsandbytes' layouts: LLM.int8 row-wise SCB, NF4 block absmax), read by
-// the CPU forward through a row decoder. Quantized checkpoints (already int8/nf4 on disk) are
-// the loader's business, not this file's.
+// Precision comes from the model type: fp32 / fp16 / bf16 load in that dtype; int8 / nf4 / fp4
+// quantize on load: every Linear weight Transformers would replace is converted to the
+// policy's compute dtype and quantized chunk by chunk as it streams in (bitsandbytes' layouts:
+// LLM.int8 row-wise SCB, NF4/FP4 block absmax), so the full-precision model is never held;
+// the store keeps only the packed weights and their state tensors, wherever the map puts
+// them (host memory or the offload folder). The CPU forward runs them straight from the store
+// through quantized_weight: the fused gemm_4bit / gemm_int8 kernels for decode-sized batches,
+// the row decoder for prefill. A checkpoint that is already quantized (config.json
+// quantization_config) runs the same way, whatever the model type.
 #pragma once
 
 #include <stowage/config.hpp>
 #include <stowage/core/error.hpp>
 #include <stowage/dispatch/load.hpp>
 #include <stowage/dispatch/offload.hpp>
+#include <stowage/dispatch/quantized_weights.hpp>
+#include <stowage/dispatch/weight_store.hpp>
 #include <stowage/exec/llama_forward.hpp>
 #include <stowage/exec/thread_pool.hpp>
 #include <stowage/models/llama.hpp>
@@ -31,8 +37,10 @@
 #include <stowage/precision/quant_state.hpp>
 #include <stowage/text/bpe_tokenizer.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <deque>
 #include <filesystem>
 #include <functional>
 #include <memory>
@@ -83,92 +91,33 @@ struct pretrained_generate_options {
 
 namespace detail {
 
-/// Quantized copies of the decoder's linear weights, read through row decoders.
-class quantized_linears {
- public:
-  enum class kind : std::uint8_t { int8, nf4 };
-  struct int8_entry {
-    precision::quantized_int8 q;
+/// Bytes the quantized weights of a store occupy (packed weights + every state tensor, in
+/// host memory and offload files alike; a tie counted once).
+inline std::uint64_t quantized_store_bytes(const weight_store& s) {
+  std::vector<const storage::tensor_storage*> seen;
+  std::uint64_t total = 0;
+  auto count = [&](std::string_view n) {
+    const auto* st = s.find(n);
+    if (!st || std::find(seen.begin(), seen.end(), st) != seen.end()) return;
+    seen.push_back(st);
+    total += st->size();
   };
-  struct nf4_entry {
-    precision::quantized_4bit q;
-    std::vector<float> absmax;  ///< float32 scales (double quantization undone once)
-    std::int64_t cols = 0;
-  };
-
-  static bool is_linear_weight(std::string_view n) {
-    if (!n.starts_with("model.layers.") || !n.ends_with(".weight")) return false;
-    for (std::string_view p : {".q_proj.", ".k_proj.", ".v_proj.", ".o_proj.", ".gate_proj.",
-                               ".up_proj.", ".down_proj."})
-      if (n.find(p) != std::string_view::npos) return true;
-    return false;
-  }
-
-  std::optional<exec::weight_ref> int8(const exec::weight_ref& w) {
-    auto e = std::make_unique<int8_entry>();
-    e->q = precision::quantize_int8(w.data, w.type, static_cast<std::size_t>(w.rows),
-                                    static_cast<std::size_t>(w.cols));
-    exec::weight_ref r = w;
-    r.data = nullptr;
-    r.type = dtype::int8;
-    r.decode = &decode_int8;
-    r.decode_ctx = e.get();
-    bytes_ += e->q.cb.size() + e->q.scb.size() * 4;
-    int8_.push_back(std::move(e));
-    return r;
-  }
-  template <class P>
-  std::optional<exec::weight_ref> four_bit(const exec::weight_ref& w) {
-    auto e = std::make_unique<nf4_entry>();
-    const std::int64_t shape[2] = {w.rows, w.cols};
-    e->q = precision::quantize_4bit(w.data, w.type, shape,
-                                    {.type = P::type,
-                                     .blocksize = P::block_size,
-                                     .double_quant = P::double_quant,
-                                     .offset = {}});
-    // The state's absmax is float32 per block, already dequantized when nested: what
-    // bitsandbytes' dequantize multiplies by.
-    e->absmax = e->q.state.absmax;
-    e->cols = w.cols;
-    exec::weight_ref r = w;
-    r.data = nullptr;
-    r.type = dtype::uint8;
-    r.decode = P::type == precision::quant_type::nf4 ? &decode_4bit<precision::quant_type::nf4>
-                                                     : &decode_4bit<precision::quant_type::fp4>;
-    r.decode_ctx = e.get();
-    bytes_ += e->q.packed.size() + e->absmax.size() * 4;
-    nf4_.push_back(std::move(e));
-    return r;
-  }
-  std::uint64_t bytes() const noexcept { return bytes_; }
-
- private:
-  static void decode_int8(const void* ctx, std::int64_t r0, std::int64_t r1, float* out) {
-    const auto& q = static_cast<const int8_entry*>(ctx)->q;
-    const auto cols = q.cols;
-    for (auto r = static_cast<std::size_t>(r0); r < static_cast<std::size_t>(r1); ++r)
-      for (std::size_t c = 0; c < cols; ++c)
-        *out++ = precision::int8_dequant_value(q.cb[r * cols + c], q.scb[r]);
-  }
-  template <precision::quant_type Q>
-  static void decode_4bit(const void* ctx, std::int64_t r0, std::int64_t r1, float* out) {
-    const auto* e = static_cast<const nf4_entry*>(ctx);
-    const auto& code = precision::code_table(Q);
-    const std::size_t bs = e->q.state.blocksize;
-    const auto begin = static_cast<std::size_t>(r0 * e->cols),
-               end = static_cast<std::size_t>(r1 * e->cols);
-    const std::uint8_t* packed = e->q.packed.data();
-    for (std::size_t i = begin; i < end; ++i) {
-      const std::uint8_t byte = packed[i / 2];
-      const unsigned nib = (i % 2 == 0) ? (byte >> 4) : (byte & 15u);
-      *out++ = code[nib] * e->absmax[i / bs];
+  for (const auto& n : s.names()) {
+    const auto layout = quantized_layout_of(s, n);
+    if (layout == quantized_layout::none) continue;
+    count(n);
+    if (layout == quantized_layout::bnb_4bit) {
+      const std::string prefix = n + ".";
+      for (const auto& o : s.names())
+        if (o.starts_with(prefix)) count(o);
+    } else {
+      const std::string module = n.substr(0, n.size() - 6);  // "<module>."
+      count(module + "SCB");
+      count(module + "weight_format");
     }
   }
-
-  std::vector<std::unique_ptr<int8_entry>> int8_;
-  std::vector<std::unique_ptr<nf4_entry>> nf4_;
-  std::uint64_t bytes_ = 0;
-};
+  return total;
+}
 
 }  // namespace detail
 
@@ -193,8 +142,12 @@ class pretrained_model {
   /// Seconds from config.json to a runnable model (planning + loading + quantizing).
   double load_seconds() const noexcept { return load_seconds_; }
   const load_report& report() const noexcept { return weights_->report(); }
-  /// Bytes of quantized weights made on load (int8 / nf4; 0 otherwise).
-  std::uint64_t quantized_bytes() const noexcept { return quant_->bytes(); }
+  /// Bytes the quantized weights occupy in the store (packed weights + state tensors, host
+  /// memory and offload files together; 0 for a floating-point model). Nothing else holds
+  /// them: the forward reads these bytes in place.
+  std::uint64_t quantized_bytes() const noexcept { return quantized_bytes_; }
+  /// Linear weights the forward runs quantized (quantized on load or stored quantized).
+  std::size_t quantized_linear_count() const noexcept { return quant_->size(); }
   const block_prefetcher& prefetcher() const noexcept { return source_->prefetcher(); }
   /// EOS ids from config.json / generation_config.json.
   const std::vector<std::int64_t>& eos_token_ids() const noexcept { return eos_; }
@@ -250,7 +203,10 @@ class pretrained_model {
   std::unique_ptr<dispatched_weights> weights_;
   hook_table hooks_;
   fit_report plan_report_;
-  std::unique_ptr<detail::quantized_linears> quant_ = std::make_unique<detail::quantized_linears>();
+  // One per quantized weight the forward reads (a deque: refs point at the elements).
+  std::unique_ptr<std::deque<quantized_weight>> quant_ =
+      std::make_unique<std::deque<quantized_weight>>();
+  std::uint64_t quantized_bytes_ = 0;
   std::unique_ptr<offloaded_llama_weights> source_;
   std::unique_ptr<exec::thread_pool> pool_;
   std::unique_ptr<exec::llama_cpu_forward> fwd_;
@@ -326,7 +282,7 @@ pretrained_model<Model> from_pretrained(const std::filesystem::path& dir,
                         " is not a floating-point dtype");
 
   // The tree the checkpoint is loaded into: the model's own, or its compute-precision twin
-  // for quantized types (weights are quantized after the load).
+  // for quantized types (the loader quantizes its Linear weights as they stream in).
   const module_tree tree = [&] {
     if constexpr (is_quantized_v<P>)
       return to_module_tree(init_empty<compute_model>(config));
@@ -356,7 +312,12 @@ pretrained_model<Model> from_pretrained(const std::filesystem::path& dir,
 
   // 2. Load and dispatch.
   load_options lo = o.load;
-  if constexpr (!is_quantized_v<P>) {
+  if constexpr (is_quantized_v<P>) {
+    // Quantize on load with the policy's bitsandbytes config, floating tensors in its
+    // compute dtype (unless o.load says otherwise; a checkpoint's own quantization_config
+    // still wins, as in Transformers).
+    lo = detail::typed_load_options<Model>(lo);
+  } else {
     if (o.dtype) lo.dtype = *o.dtype;
   }
   if (o.offload_folder) lo.offload_folder = o.offload_folder;
@@ -364,19 +325,16 @@ pretrained_model<Model> from_pretrained(const std::filesystem::path& dir,
       std::make_unique<dispatched_weights>(load_checkpoint_and_dispatch(tree, ckpt, map, lo));
   m.hooks_ = make_hooks(*m.weights_);
 
-  // 3. The forward, with quantized linears where the precision asks for them.
-  weight_transform transform;
-  if constexpr (is_quantized_v<P>) {
-    auto* q = m.quant_.get();
-    transform = [q](std::string_view n,
-                    const exec::weight_ref& w) -> std::optional<exec::weight_ref> {
-      if (!detail::quantized_linears::is_linear_weight(n)) return std::nullopt;
-      if constexpr (P::storage_dtype == dtype::int8)
-        return q->int8(w);
-      else
-        return q->template four_bit<P>(w);
-    };
-  }
+  // 3. The forward. Quantized weights (whatever made them so) run from the store in place.
+  const weight_store& store = m.weights_->weights();
+  auto* quant = m.quant_.get();
+  const weight_transform transform =
+      [quant, &store](std::string_view n,
+                      const exec::weight_ref&) -> std::optional<exec::weight_ref> {
+    if (quantized_layout_of(store, n) == quantized_layout::none) return std::nullopt;
+    return quant->emplace_back(quantized_weight::from_store(store, n)).weight_ref();
+  };
+  m.quantized_bytes_ = detail::quantized_store_bytes(store);
   m.source_ = std::make_unique<offloaded_llama_weights>(*m.weights_, dims, o.offload, transform);
   m.pool_ = o.threads ? std::make_unique<exec::thread_pool>(o.threads) : nullptr;
   m.fwd_ = std::make_unique<exec::llama_cpu_forward>(

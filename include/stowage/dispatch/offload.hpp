@@ -51,7 +51,6 @@
 #include <string_view>
 #include <thread>
 #include <unordered_map>
-#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -337,8 +336,10 @@ class block_prefetcher {
 // ---------------------------------------------------------------------------------------------
 // The Llama source over dispatched weights.
 
-/// Replaces the ref of a named weight (quantized layouts plug their row decoder in here);
-/// nullopt keeps the stored one.
+/// Replaces the ref of a named weight (quantized layouts plug their row decoder and fused
+/// product in here); nullopt keeps the stored one. The replacement may read the stored bytes
+/// of the weight and of its companions under the same block (a quantized weight's state
+/// tensors): those regions are prefetched like any other.
 using weight_transform =
     std::function<std::optional<exec::weight_ref>(std::string_view name, const exec::weight_ref&)>;
 
@@ -369,7 +370,6 @@ class offloaded_llama_weights final : public exec::llama_weights_source {
   offloaded_llama_weights(const dispatched_weights& w, const exec::llama_dims& d,
                           offload_options o = {}, const weight_transform& transform = {})
       : w_(w), dims_(d) {
-    std::unordered_set<std::string> replaced;  // names the transform serves (never read)
     for (const auto& [k, dev] : w.map())
       if (dev.is_accelerator())
         throw device_map_error(
@@ -382,10 +382,7 @@ class offloaded_llama_weights final : public exec::llama_weights_source {
           if (!w.weights().contains(name)) return std::nullopt;
           auto ref = detail::ref_of(w.view(name));
           if (transform)
-            if (auto t = transform(name, ref)) {
-              replaced.emplace(name);
-              return t;
-            }
+            if (auto t = transform(name, ref)) return t;
           return ref;
         });
     // Blocks: the file regions each one reads (a tie group's region once).
@@ -394,7 +391,6 @@ class offloaded_llama_weights final : public exec::llama_weights_source {
     auto add = [&](std::size_t b, const std::string& name) {
       const auto* s = w.weights().find(name);
       if (!s || !s->region()) return;
-      if (replaced.count(name)) return;  // served by the transform, never read
       const auto* r = s->region();
       auto& list = blocks[b];
       if (std::find(list.begin(), list.end(), r) == list.end()) list.push_back(r);

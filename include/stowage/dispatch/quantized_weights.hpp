@@ -8,8 +8,8 @@
 // ranges to float32 bit-identically to bitsandbytes (formats-spec §1.5, §2.1) straight from the
 // storage (host memory or a mapped offload file; nothing is copied but the nested scales, which
 // must be decoded once), and hands the execution engine an exec::cpu::weight_ref whose
-// row_decoder does the same. bnb_config_for<P>() maps a precision policy to the bitsandbytes
-// config that quantizes like it.
+// row_decoder does the same and whose fused_matmul multiplies straight from the packed bytes.
+// bnb_config_for<P>() maps a precision policy to the bitsandbytes config that quantizes like it.
 #pragma once
 
 #include <stowage/config.hpp>
@@ -285,8 +285,24 @@ class quantized_weight {
     }
   }
 
-  /// A weight_ref the CPU kernels read through this object's row decoder. Valid while this
-  /// quantized_weight (and its store) lives; do not move this object while refs are in use.
+  /// y[m, rows()] = x[m, cols()] * W^T without widening W: the precision engine's fused
+  /// kernels (gemm_4bit: each nibble times its block's absmax, multiplied in; LLM.int8
+  /// weight-only: sum(x * CB) scaled by SCB / 127 once per output). Equal to dequantize_rows
+  /// then a float32 product up to the order of the sums.
+  void matmul(const float* x, std::int64_t m, float* y) const {
+    if (m < 0) throw invalid_size("quantized_weight `" + name_ + "`: negative batch");
+    if (m == 0 || rows_ == 0) return;
+    const auto M = static_cast<std::size_t>(m), N = static_cast<std::size_t>(rows_),
+               K = static_cast<std::size_t>(cols_);
+    if (layout_ == quantized_layout::bnb_int8)
+      precision::gemm_int8_weight_only_raw(x, M, cb_, absmax_, N, K, y);
+    else
+      precision::gemm_4bit_raw(x, M, packed_, absmax_, state_.type, state_.blocksize, N, K, y);
+  }
+
+  /// A weight_ref the CPU kernels read through this object's row decoder (any batch) and fused
+  /// product (small batches, exec::cpu::linear). Valid while this quantized_weight (and its
+  /// store) lives; do not move this object while refs are in use.
   exec::cpu::weight_ref weight_ref() const {
     exec::cpu::weight_ref r;
     r.data = layout_ == quantized_layout::bnb_4bit ? reinterpret_cast<const std::byte*>(packed_)
@@ -297,12 +313,16 @@ class quantized_weight {
     r.decode = &decode;
     r.decode_ctx = this;
     r.name = name_;
+    r.matmul = &fused;
     return r;
   }
 
  private:
   static void decode(const void* ctx, std::int64_t r0, std::int64_t r1, float* out) {
     static_cast<const quantized_weight*>(ctx)->dequantize_rows(r0, r1, out);
+  }
+  static void fused(const void* ctx, const float* x, std::int64_t m, float* y) {
+    static_cast<const quantized_weight*>(ctx)->matmul(x, m, y);
   }
 
   std::string name_;

@@ -3,7 +3,10 @@
 // Decode (few rows of x) is a matrix-vector product and memory-bandwidth bound: the work is
 // split into contiguous blocks of output rows, one per thread, so each thread streams its
 // own slice of the weight exactly once. Non-fp32 weights are widened a small tile of rows at
-// a time into a thread-local buffer that stays in cache, then multiplied with Eigen.
+// a time into a thread-local buffer that stays in cache, then multiplied with Eigen. A weight
+// that brings a fused product (quantized layouts: nf4/fp4/int8 through the precision engine's
+// gemm kernels) uses it for up to fused_matmul_max_rows rows of x: decode reads the packed bytes
+// once instead of widening them to float32 first.
 #pragma once
 
 #include <stowage/core/error.hpp>
@@ -31,6 +34,10 @@ inline std::int64_t tile_rows(std::int64_t cols) noexcept {
   return std::max<std::int64_t>(4, 8192 / std::max<std::int64_t>(cols, 1));
 }
 
+/// Batches up to this many rows take a weight's fused product when it has one; longer ones
+/// (prefill) widen tiles once and run Eigen's GEMM, which reuses each widened tile m times.
+inline constexpr std::int64_t fused_matmul_max_rows = 8;
+
 /// Rows per thread chunk: at least 64 KiB of weight so a chunk amortises its scheduling.
 inline std::size_t chunk_rows(std::int64_t cols) noexcept {
   return static_cast<std::size_t>(
@@ -52,6 +59,14 @@ inline void linear(std::span<const float> x, std::int64_t m, const weight_ref& w
                        std::to_string(bias.size()) + " for " + std::to_string(m) + " rows and a [" +
                        std::to_string(out) + ", " + std::to_string(in) + "] weight");
   if (m == 0 || out == 0) return;
+  if (w.matmul != nullptr && w.decode != nullptr && m <= detail::fused_matmul_max_rows) {
+    w.matmul(w.decode_ctx, x.data(), m, y.data());
+    if (!bias.empty())
+      for (std::int64_t i = 0; i < m; ++i)
+        for (std::int64_t r = 0; r < out; ++r)
+          y[static_cast<std::size_t>(i * out + r)] += bias[static_cast<std::size_t>(r)];
+    return;
+  }
   const detail::const_map X(x.data(), m, in);
   detail::map Y(y.data(), m, out);
   const bool direct_f32 = w.decode == nullptr && w.type == dtype::float32;

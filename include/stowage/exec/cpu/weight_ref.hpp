@@ -2,7 +2,9 @@
 // weight. The forward pass never sees a checkpoint, a storage backend or a module struct; it
 // sees these refs, so the same numerics run on mmap'd safetensors, a dispatched model's host
 // storage or a freshly fetched offload buffer. fp32/bf16/fp16 are read directly; any other
-// layout (int8, nf4, ...) plugs in a row dequantiser (the precision engine's fused kernels).
+// layout (int8, nf4, ...) plugs in a row dequantiser (the precision engine's fused kernels),
+// and may add a fused product that multiplies straight from the packed bytes (decode: a few
+// rows of activations, where widening whole tiles of weights first would double the traffic).
 #pragma once
 
 #include <stowage/core/dtype.hpp>
@@ -23,6 +25,10 @@ namespace stowage::exec::cpu {
 using row_decoder = void (*)(const void* ctx, std::int64_t row_begin, std::int64_t row_end,
                              float* out);
 
+/// y[m, rows] = x[m, cols] * W^T straight from the stored layout (dequantize and multiply in one
+/// pass). Called with the ref's decode_ctx; parallelises on its own.
+using fused_matmul = void (*)(const void* ctx, const float* x, std::int64_t m, float* y);
+
 /// A 2-D (rows x cols, row-major) or 1-D (rows = 1) weight. `data` must stay valid while used.
 struct weight_ref {
   const std::byte* data = nullptr;
@@ -32,6 +38,8 @@ struct weight_ref {
   row_decoder decode = nullptr;  ///< set for layouts other than fp32/bf16/fp16
   const void* decode_ctx = nullptr;
   std::string name;  ///< for messages
+  /// Optional, with `decode`: the fused product linear() uses for small batches (decode).
+  fused_matmul matmul = nullptr;
 
   bool empty() const noexcept { return data == nullptr && decode == nullptr; }
   std::int64_t numel() const noexcept { return rows * cols; }
@@ -43,12 +51,13 @@ struct weight_ref {
                       c,
                       nullptr,
                       nullptr,
-                      std::move(n)};
+                      std::move(n),
+                      nullptr};
   }
   static weight_ref from_bits16(const std::uint16_t* p, stowage::dtype t, std::int64_t r,
                                 std::int64_t c, std::string n = {}) {
     return weight_ref{
-        reinterpret_cast<const std::byte*>(p), t, r, c, nullptr, nullptr, std::move(n)};
+        reinterpret_cast<const std::byte*>(p), t, r, c, nullptr, nullptr, std::move(n), nullptr};
   }
 };
 
