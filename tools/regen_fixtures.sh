@@ -18,7 +18,7 @@ rm -rf tests/fixtures/accelerate tests/fixtures/llama   # wholly generated; modu
 # Order matters: the tiny models feed the load and quantized fixtures.
 for gen in tools/gen_bnb_fixtures.py tools/gen_checkpoint_fixtures.py tools/gen_tiny_models.py \
     tools/gen_load_fixtures.py tools/gen_quantized_checkpoint_fixtures.py \
-    tools/gen_quantized_forward_fixtures.py; do
+    tools/gen_quantized_forward_fixtures.py tools/gen_quantized_plan_fixtures.py; do
   if [[ -f "$gen" ]]; then "$PY" "$gen"; fi
 done
 echo "fixtures regenerated"

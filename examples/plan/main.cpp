@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <iostream>
 #include <map>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -19,13 +20,15 @@ namespace sw = stowage;
 namespace {
 
 [[noreturn]] void usage(const std::string& why) {
-  std::cerr << "stowage-plan: " << why << "\n"
-            << "usage: stowage-plan (--config CONFIG.json | --module-tree TREE.json)\n"
-               "  [--max-memory KEY=SIZE[,KEY=SIZE...]] [--strategy "
-               "auto|balanced|balanced_low_0|sequential]\n"
-               "  [--no-split CLASS]... [--dtype DTYPE] [--special-dtype NAME=DTYPE]...\n"
-               "  [--offload-buffers] [--fallback-allocation] [--no-clean] [--verbose]\n"
-               "  [--override REGEX=DEVICE]... [--batch N --context N] [--json | --budgets-json]\n";
+  std::cerr
+      << "stowage-plan: " << why << "\n"
+      << "usage: stowage-plan (--config CONFIG.json | --module-tree TREE.json)\n"
+         "  [--max-memory KEY=SIZE[,KEY=SIZE...]] [--strategy "
+         "auto|balanced|balanced_low_0|sequential]\n"
+         "  [--no-split CLASS]... [--dtype DTYPE|nf4|fp4|int8] [--special-dtype NAME=DTYPE]...\n"
+         "  [--double-quant] [--blocksize N] [--compute-dtype DTYPE]\n"
+         "  [--offload-buffers] [--fallback-allocation] [--no-clean] [--verbose]\n"
+         "  [--override REGEX=DEVICE]... [--batch N --context N] [--json | --budgets-json]\n";
   std::exit(2);
 }
 
@@ -54,6 +57,12 @@ int main(int argc, char** argv) {
   bool json = false, budgets_json = false, no_split_given = false;
   std::vector<std::string> verbose_lines;
   bool verbose = false;
+  // --dtype nf4|fp4|int8: bitsandbytes quantization of the Linear weights Transformers would
+  // replace (sized exactly as quantize-on-load stores them), the rest at --compute-dtype.
+  std::string quant;
+  bool double_quant = false;
+  std::size_t blocksize = 64;
+  std::optional<sw::dtype> compute_dtype;
   try {
     for (std::size_t i = 0; i < args.size(); ++i) {
       const std::string& a = args[i];
@@ -80,8 +89,25 @@ int main(int argc, char** argv) {
       else if (a == "--no-split") {
         opt.no_split.push_back(next());
         no_split_given = true;
-      } else if (a == "--dtype")
-        opt.dtype = sw::dtype_from_name(next());
+      } else if (a == "--dtype") {
+        const std::string d = next();
+        if (d == "nf4" || d == "fp4" || d == "int8")
+          quant = d;
+        else
+          opt.dtype = sw::dtype_from_name(d);
+      } else if (a == "--double-quant")
+        double_quant = true;
+      else if (a == "--blocksize") {
+        const std::string v = next();
+        std::size_t used = 0;
+        long long n = -1;
+        try {
+          n = std::stoll(v, &used);
+        } catch (const std::exception&) {}
+        if (n <= 0 || used != v.size()) usage("--blocksize expects a positive integer, got " + v);
+        blocksize = static_cast<std::size_t>(n);
+      } else if (a == "--compute-dtype")
+        compute_dtype = sw::dtype_from_name(next());
       else if (a == "--special-dtype") {
         auto [n, d] = split_eq(next(), "--special-dtype");
         opt.special_dtypes.emplace_back(n, sw::dtype_from_name(d));
@@ -110,6 +136,27 @@ int main(int argc, char** argv) {
         usage("unknown argument " + a);
     }
     if (config.empty() == tree_path.empty()) usage("give exactly one of --config or --module-tree");
+    if (quant.empty() && (double_quant || blocksize != 64))
+      usage("--double-quant and --blocksize need --dtype nf4 or fp4");
+    if (!quant.empty()) {
+      sw::precision::bnb_config q;
+      if (quant == "int8") {
+        if (double_quant || blocksize != 64) usage("--double-quant and --blocksize are 4-bit only");
+        q.load_in_8bit = true;
+      } else {
+        q.load_in_4bit = true;
+        q.bnb_4bit_quant_type =
+            quant == "nf4" ? sw::precision::quant_type::nf4 : sw::precision::quant_type::fp4;
+        q.bnb_4bit_use_double_quant = double_quant;
+        q.blocksize = blocksize;
+        if (compute_dtype) q.bnb_4bit_compute_dtype = *compute_dtype;
+      }
+      q.validate();
+      opt.quantization = q;
+      opt.dtype = compute_dtype;  // unset: the model's own dtype
+    } else if (compute_dtype) {
+      usage("--compute-dtype needs --dtype nf4, fp4 or int8");
+    }
     (void)sw::placement::parse_strategy(strategy);
 
     sw::module_tree tree = [&] {
@@ -140,14 +187,42 @@ int main(int argc, char** argv) {
     if (budgets_json) {
       sw::fit_report notes;
       sw::max_memory b = budgets;
-      if (strategy != "sequential")
-        b = sw::get_balanced_memory(
-            tree, budgets,
-            {opt.no_split, opt.dtype, opt.special_dtypes, strategy == "balanced_low_0"}, &notes);
+      sw::balanced_options bo{opt.no_split, opt.dtype, opt.special_dtypes,
+                              strategy == "balanced_low_0"};
+      bo.quantization = opt.quantization;
+      // "auto" follows Transformers (placement::auto_): its balanced budgets.
+      if (strategy == "auto")
+        b = sw::transformers_balanced_memory(tree, budgets, bo, &notes);
+      else if (strategy != "sequential")
+        b = sw::get_balanced_memory(tree, budgets, bo, &notes);
       std::cout << b.to_json().dump(2) << "\n";
       return 0;
     }
     for (const auto& l : verbose_lines) std::cout << l << "\n";
+    if (opt.quantization) {
+      // What the quantized weights come to, exactly (packed bytes plus their state tensors).
+      const auto& q = *opt.quantization;
+      const auto qs = sw::quantized_tensor_sizes(tree, q, opt.dtype, opt.special_dtypes);
+      sw::plan_context ctx(tree);
+      const auto& s = ctx.sizes(opt.dtype, opt.special_dtypes, sw::size_rule::accelerate, q);
+      std::int64_t qbytes = 0;
+      for (const auto& [n, b] : qs) qbytes += b.floor_bytes();
+      std::cout << "precision: "
+                << (q.load_in_8bit ? std::string("int8 (LLM.int8: int8 weight + SCB + format byte)")
+                                   : std::string(sw::precision::name(q.bnb_4bit_quant_type)) +
+                                         ", block " + std::to_string(q.blocksize) +
+                                         (q.bnb_4bit_use_double_quant ? ", double quant" : "") +
+                                         " (packed + absmax + quant_map" +
+                                         (q.bnb_4bit_use_double_quant ? " + nested stats" : "") +
+                                         " + QuantState JSON)")
+                << "; other tensors "
+                << (opt.dtype ? std::string(sw::name(*opt.dtype)) : std::string("as declared"))
+                << "\n  " << qs.size()
+                << " quantized weights: " << sw::format_memory_size(static_cast<double>(qbytes))
+                << " (" << qbytes << " bytes); model total "
+                << sw::format_memory_size(s.size[0].bytes()) << " (" << s.size[0].to_python_string()
+                << " bytes)\n\n";
+    }
     // Readable table: ranges of consecutive keys per device, then usage per device.
     std::cout << "device map (" << r.map.size() << " keys, strategy " << strategy << "):\n";
     const auto& e = r.map.entries();

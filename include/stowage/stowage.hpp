@@ -68,3 +68,4 @@
 #include <stowage/dispatch/from_pretrained.hpp>
 #include <stowage/dispatch/offload.hpp>
 #include <stowage/dispatch/quantized_weights.hpp>
+#include <stowage/placement/quantized_sizes.hpp>

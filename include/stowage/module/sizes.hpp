@@ -29,6 +29,11 @@ namespace stowage {
 /// Per-tensor dtype overrides by full dotted name (accelerate's special_dtypes).
 using special_dtypes = std::vector<std::pair<std::string, dtype>>;
 
+/// Per-tensor exact sizes by full dotted name: the tensor counts as exactly these bytes whatever
+/// its dtype, target or special dtype (a quantized weight with its state tensors,
+/// placement/quantized_sizes.hpp). Names that match no tensor are ignored.
+using tensor_size_overrides = std::vector<std::pair<std::string, byte_size>>;
+
 /// Name -> size in accelerate's insertion order. Names without an entry (tensor-free modules,
 /// modules holding only tied aliases) read as 0, as every accelerate lookup does.
 class module_sizes {
@@ -279,11 +284,13 @@ inline std::vector<char> tied_aliases(const tree_index& ix) {
 }  // namespace detail
 
 /// Sizes of every item in one pass: each tensor's size under `rule` (tied aliases 0, buffers
-/// only with `buffers_only`), then module totals bottom-up over the pre-order.
+/// only with `buffers_only`; an `exact` entry wins over everything), then module totals
+/// bottom-up over the pre-order.
 inline item_sizes compute_item_sizes(const tree_index& ix,
                                      std::optional<dtype> target = std::nullopt,
                                      const special_dtypes& special = {}, bool buffers_only = false,
-                                     size_rule rule = size_rule::accelerate) {
+                                     size_rule rule = size_rule::accelerate,
+                                     const tensor_size_overrides& exact = {}) {
   using id = tree_index::id;
   const std::size_t n = ix.modules();
   item_sizes r;
@@ -300,6 +307,13 @@ inline item_sizes compute_item_sizes(const tree_index& ix,
       for (const auto& e : sp) dup = dup || e.first == *x;
       if (!dup) sp.emplace_back(*x, d);
     }
+  // Exact sizes resolved to tensors once (the first entry for a name wins).
+  std::vector<std::optional<byte_size>> fixed;
+  if (!exact.empty()) {
+    fixed.resize(ix.tensors());
+    for (const auto& [name, b] : exact)
+      if (auto x = ix.find(name); x && !ix.is_module(*x) && !fixed[*x - n]) fixed[*x - n] = b;
+  }
   std::array<std::array<std::int64_t, 256>, 2> per_element;  // [is buffer][dtype]
   for (auto& a : per_element) a.fill(-1);
   // One pass over the modules: each one's own tensors (its direct size is Transformers' leaf
@@ -319,11 +333,14 @@ inline item_sizes compute_item_sizes(const tree_index& ix,
       const auto& t = buf ? nd.buffers[x - fb] : nd.parameters[x - fp];
       byte_size b;
       bool special_hit = false;
-      for (const auto& e : sp)
-        if (e.first == x) {
-          b = detail::rule_tensor_size(t, buf, target, e.second, rule);
+      if (!fixed.empty() && fixed[x - n]) {
+        b = *fixed[x - n];
+        special_hit = true;
+      }
+      for (auto e = sp.begin(); !special_hit && e != sp.end(); ++e)
+        if (e->first == x) {
+          b = detail::rule_tensor_size(t, buf, target, e->second, rule);
           special_hit = true;
-          break;
         }
       if (!special_hit) {
         // Eighths per element of this dtype under the rule, looked up once per dtype.

@@ -16,6 +16,8 @@
 #include <stowage/placement/device_map.hpp>
 #include <stowage/placement/devices.hpp>
 #include <stowage/placement/max_memory.hpp>
+#include <stowage/placement/quantized_sizes.hpp>
+#include <stowage/precision/bnb_config.hpp>
 
 #include <algorithm>
 #include <cstdint>
@@ -66,6 +68,13 @@ struct plan_options {
   runtime_memory runtime;
   /// false: anything landing on "disk" is a placement_error saying how much more memory is needed.
   bool allow_disk_offload = true;
+  /// bitsandbytes quantization: every weight precision::modules_to_quantize selects is sized as
+  /// what quantize-on-load stores for it (placement/quantized_sizes.hpp), the rest by `dtype`.
+  std::optional<precision::bnb_config> quantization = std::nullopt;
+  /// exact (default) or Transformers' estimate (0.5 / 1 byte per element, no state tensors).
+  quantized_size_estimate quantized_sizes = quantized_size_estimate::exact;
+  /// The module never quantized as the output embeddings ("" for none).
+  std::string output_embeddings = "lm_head";
 };
 
 /// Where stowage departs from accelerate on purpose (an accelerate §9 bug it does not copy).
@@ -178,6 +187,10 @@ struct balanced_options {
   std::optional<stowage::dtype> dtype;
   stowage::special_dtypes special_dtypes;
   bool low_zero = false;
+  /// As in plan_options: quantized weights sized by quantized_sizes.
+  std::optional<precision::bnb_config> quantization = std::nullopt;
+  quantized_size_estimate quantized_sizes = quantized_size_estimate::exact;
+  std::string output_embeddings = "lm_head";
 };
 
 namespace detail {
@@ -217,9 +230,21 @@ class plan_context {
   /// Item sizes under these rules (computed on first use).
   const item_sizes& sizes(std::optional<stowage::dtype> d, const special_dtypes& sp,
                           size_rule rule = size_rule::accelerate) {
+    return sizes(d, sp, rule, std::nullopt);
+  }
+  /// The same with bitsandbytes-quantized weights sized by `estimate` (quantized_sizes.hpp).
+  const item_sizes& sizes(std::optional<stowage::dtype> d, const special_dtypes& sp, size_rule rule,
+                          const std::optional<precision::bnb_config>& q,
+                          quantized_size_estimate estimate = quantized_size_estimate::exact,
+                          std::string_view output_embeddings = "lm_head") {
+    std::optional<quant_key> k;
+    if (q) k = quant_key{*q, estimate, std::string(output_embeddings)};
     for (const auto& e : sizes_)
-      if (e.target == d && e.rule == rule && e.special == sp) return e.value;
-    sizes_.push_back({d, sp, rule, compute_item_sizes(index_, d, sp, false, rule)});
+      if (e.target == d && e.rule == rule && e.special == sp && same(e.quant, k)) return e.value;
+    tensor_size_overrides exact;
+    if (q) exact = quantized_tensor_sizes(tree(), *q, d, sp, estimate, output_embeddings);
+    sizes_.push_back(
+        {d, sp, rule, std::move(k), compute_item_sizes(index_, d, sp, false, rule, exact)});
     return sizes_.back().value;
   }
 
@@ -289,10 +314,26 @@ class plan_context {
   detail::plan_scratch& scratch() noexcept { return scratch_; }
 
  private:
+  struct quant_key {
+    precision::bnb_config config;
+    quantized_size_estimate estimate;
+    std::string output_embeddings;
+  };
+  // Whether two quantizations size every tensor the same (the fields sizes depend on).
+  static bool same(const std::optional<quant_key>& a, const std::optional<quant_key>& b) {
+    if (!a || !b) return !a && !b;
+    const auto &x = a->config, &y = b->config;
+    return a->estimate == b->estimate && a->output_embeddings == b->output_embeddings &&
+           x.load_in_4bit == y.load_in_4bit && x.load_in_8bit == y.load_in_8bit &&
+           x.bnb_4bit_quant_type == y.bnb_4bit_quant_type &&
+           x.bnb_4bit_use_double_quant == y.bnb_4bit_use_double_quant &&
+           x.blocksize == y.blocksize && x.llm_int8_skip_modules == y.llm_int8_skip_modules;
+  }
   struct sizes_entry {
     std::optional<stowage::dtype> target;
     special_dtypes special;
     size_rule rule;
+    std::optional<quant_key> quant;
     item_sizes value;
   };
   struct maxima_entry {
@@ -389,7 +430,8 @@ inline max_memory get_balanced_memory(plan_context& ctx, const max_memory& mm,
       if (report) report->info.push_back(detail::ninety_percent_note(first));
     }
   }
-  const item_sizes& sz = ctx.sizes(opt.dtype, opt.special_dtypes);
+  const item_sizes& sz = ctx.sizes(opt.dtype, opt.special_dtypes, size_rule::accelerate,
+                                   opt.quantization, opt.quantized_sizes, opt.output_embeddings);
   const byte_size total = sz.size[0];
   byte_size per_gpu = detail::floor_div(total, static_cast<std::int64_t>(low_zero ? n - 1 : n));
 
@@ -469,7 +511,8 @@ inline max_memory transformers_balanced_memory(plan_context& ctx, const max_memo
           break;
         }
   }
-  const item_sizes& sz = ctx.sizes(opt.dtype, opt.special_dtypes, size_rule::transformers);
+  const item_sizes& sz = ctx.sizes(opt.dtype, opt.special_dtypes, size_rule::transformers,
+                                   opt.quantization, opt.quantized_sizes, opt.output_embeddings);
   const byte_size total = sz.size[0];
   if (low_zero && n < 2) low_zero = false;
   byte_size per_gpu = detail::floor_div(total, static_cast<std::int64_t>(low_zero ? n - 1 : n));
@@ -509,7 +552,8 @@ class item_planner {
         nodes_(ctx.tree().nodes()),
         budgets_(budgets),
         opt_(opt),
-        sz_(ctx.sizes(opt.dtype, opt.special_dtypes, rule)),
+        sz_(ctx.sizes(opt.dtype, opt.special_dtypes, rule, opt.quantization, opt.quantized_sizes,
+                      opt.output_embeddings)),
         ns_(ctx.no_split(opt.no_split)),
         layer_max_(ctx.layer_maxima(sz_, ns_)),
         ties_(ctx.ties()),

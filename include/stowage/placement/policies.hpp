@@ -69,11 +69,18 @@ inline void merge_notes(plan_result& r, fit_report& notes) {
   r.report.info.insert(r.report.info.begin(), notes.info.begin(), notes.info.end());
   for (auto& d : notes.deviations) r.report.deviate(d.item, d.message);
 }
+/// The balanced-budget options of a plan (same sizes: dtype, special dtypes, quantization).
+inline balanced_options balanced_from(const plan_options& o, bool low_zero) {
+  balanced_options b{o.no_split, o.dtype, o.special_dtypes, low_zero};
+  b.quantization = o.quantization;
+  b.quantized_sizes = o.quantized_sizes;
+  b.output_embeddings = o.output_embeddings;
+  return b;
+}
 inline plan_result balanced_plan(plan_context& c, const max_memory& m, const plan_options& o,
                                  bool low_zero) {
   fit_report notes;
-  const max_memory b =
-      get_balanced_memory(c, m, {o.no_split, o.dtype, o.special_dtypes, low_zero}, &notes);
+  const max_memory b = get_balanced_memory(c, m, balanced_from(o, low_zero), &notes);
   plan_result r = infer_auto_device_map(c, b, o);
   merge_notes(r, notes);
   return r;
@@ -116,7 +123,7 @@ struct auto_ {
   plan_result plan(plan_context& c, const max_memory& m, const plan_options& o) const {
     fit_report notes;
     const max_memory b =
-        transformers_balanced_memory(c, m, {o.no_split, o.dtype, o.special_dtypes, false}, &notes);
+        transformers_balanced_memory(c, m, detail::balanced_from(o, false), &notes);
     plan_result r = stowage::detail::plan_items(c, b, o, size_rule::transformers);
     detail::merge_notes(r, notes);
     return r;
