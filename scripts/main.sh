@@ -5,7 +5,8 @@
 set -euo pipefail
 
 # The main program (a CMake target under examples/) and its default arguments: change this line.
-main=(stowage-summary examples/configs/Llama-2-70b-hf/config.json)
+# stowage-generate without arguments runs the bundled tiny Llama split across cpu and disk.
+main=(stowage-generate)
 
 caller_dir=$PWD
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
