@@ -2,7 +2,7 @@
 // unicodedata (Unicode 14.0.0); do not edit. Code point ranges of the general
 // categories L* (\p{L}) and N* (\p{N}), sorted, for the pre-tokenizer scanner.
 #pragma once
-// clang-format off: generated tables, one range per line.
+// clang-format off
 
 #include <cstdint>
 
