@@ -1,12 +1,15 @@
 // bench/load_bench.cpp: the stowage half of bench/load_side_by_side.py. Two modes, each printing
 // one JSON line so the script can compare runs made in one session on one machine:
 //   load_bench --memcpy BYTES [--threads N]
-//       this machine's memcpy bandwidth: N threads each copy its share of a BYTES buffer
-//       (pages touched first), best of 5; GB/s counts the bytes copied (= bytes read).
-//   load_bench CHECKPOINT_DIR [--dtype bfloat16] [--threads N] [--window BYTES]
+//       this machine's memcpy bandwidth: N threads each copy its share of a BYTES buffer, best
+//       of 5; GB/s counts the bytes copied (= bytes read). "gbps": destination pages touched
+//       first (the reference); "fresh_gbps" / "fresh_huge_gbps": into new anonymous memory
+//       (4 KiB pages / MADV_HUGEPAGE), page faults and zeroing included.
+//   load_bench CHECKPOINT_DIR [--dtype bfloat16] [--threads N] [--window BYTES] [--thp 0|1]
 //       load_checkpoint_and_dispatch of the Llama in CHECKPOINT_DIR (config.json + shards) with
 //       device_map {"": "cpu"}; reports seconds, checkpoint bytes read, GB/s, the bytes of
-//       resident weights and this process's peak RSS (getrusage) before and after loading.
+//       resident weights and this process's peak RSS (getrusage) before and after loading;
+//       --thp 0 turns load_options::transparent_huge_pages off.
 // Google Benchmark's runner is not used: each measurement is one cold-process run, which is
 // what peak RSS needs.
 #include <stowage/dispatch/load.hpp>
@@ -21,6 +24,7 @@
 #include <thread>
 #include <vector>
 
+#include <sys/mman.h>
 #include <sys/resource.h>
 
 namespace {
@@ -31,26 +35,58 @@ long peak_rss_kib() {
   return ru.ru_maxrss;
 }
 
-int memcpy_bench(std::size_t bytes, unsigned threads) {
-  std::vector<char> src(bytes, 1), dst(bytes, 2);
+/// Best of 5 of `threads` threads each memcpy'ing its share of `src` into `dst(rep)`.
+template <class Dst>
+double best_copy(const std::vector<char>& src, unsigned threads, Dst&& dst) {
+  const std::size_t bytes = src.size();
   double best = 1e30;
   for (int rep = 0; rep < 5; ++rep) {
+    char* d = dst(rep);  // mapping a fresh destination (and unmapping the last) is not timed
     const auto t0 = std::chrono::steady_clock::now();
     std::vector<std::thread> pool;
     const std::size_t share = bytes / threads;
     for (unsigned t = 0; t < threads; ++t)
       pool.emplace_back([&, t] {
         const std::size_t b = t * share, n = t + 1 == threads ? bytes - b : share;
-        std::memcpy(dst.data() + b, src.data() + b, n);
+        std::memcpy(d + b, src.data() + b, n);
       });
     for (auto& th : pool) th.join();
     best = std::min(best,
                     std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
+  return best;
+}
+
+/// memcpy bandwidth three ways: into a destination already faulted in ("warm", the issue's
+/// reference), into fresh anonymous memory (4 KiB pages: every page faulted, zeroed and charged
+/// during the copy, as a load into new storage must) and into fresh memory with MADV_HUGEPAGE.
+int memcpy_bench(std::size_t bytes, unsigned threads) {
+  std::vector<char> src(bytes, 1), warm_dst(bytes, 2);
+  const double warm = best_copy(src, threads, [&](int) { return warm_dst.data(); });
+  char check = warm_dst[bytes / 2];
+  auto fresh = [&](bool huge) {
+    void* cur = nullptr;
+    const double secs = best_copy(src, threads, [&](int) {
+      if (cur) {
+        check = static_cast<char>(check + static_cast<char*>(cur)[bytes / 2]);
+        ::munmap(cur, bytes);
+      }
+      cur = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (cur == MAP_FAILED) std::abort();
+      if (huge) ::madvise(cur, bytes, MADV_HUGEPAGE);
+      return static_cast<char*>(cur);
+    });
+    ::munmap(cur, bytes);
+    return secs;
+  };
+  // Time-to-fault the destination is part of the fresh figures (the mmap itself is ~free).
+  const double fresh4k = fresh(false), fresh_huge = fresh(true);
   std::printf(
       "{\"mode\": \"memcpy\", \"bytes\": %zu, \"threads\": %u, \"seconds\": %.6f, \"gbps\": %.3f, "
-      "\"check\": %d}\n",
-      bytes, threads, best, static_cast<double>(bytes) / best / 1e9, dst[bytes / 2]);
+      "\"fresh_gbps\": %.3f, \"fresh_huge_gbps\": %.3f, \"check\": %d}\n",
+      bytes, threads, warm, static_cast<double>(bytes) / warm / 1e9,
+      static_cast<double>(bytes) / fresh4k / 1e9, static_cast<double>(bytes) / fresh_huge / 1e9,
+      check);
   return 0;
 }
 
@@ -60,17 +96,19 @@ int main(int argc, char** argv) {
   if (argc < 2) {
     std::fprintf(stderr,
                  "usage: load_bench --memcpy BYTES [--threads N] | CHECKPOINT_DIR [--dtype D] "
-                 "[--threads N] [--window B]\n");
+                 "[--threads N] [--window B] [--thp 0|1]\n");
     return 2;
   }
   unsigned threads = 2;
   std::string dtype_name = "bfloat16";
   std::size_t window = std::size_t{64} << 20;
+  bool thp = true;
   for (int i = 2; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
     if (k == "--threads") threads = static_cast<unsigned>(std::stoul(argv[i + 1]));
     if (k == "--dtype") dtype_name = argv[i + 1];
     if (k == "--window") window = std::stoull(argv[i + 1]);
+    if (k == "--thp") thp = std::string(argv[i + 1]) != "0";
   }
   if (std::string(argv[1]) == "--memcpy") return memcpy_bench(std::stoull(argv[2]), threads);
   try {
@@ -82,6 +120,7 @@ int main(int argc, char** argv) {
     opts.dtype = stowage::dtype_from_name(dtype_name);
     opts.threads = threads;
     opts.staging_window_bytes = window;
+    opts.transparent_huge_pages = thp;
     opts.progress = stowage::progress_mode::never;
     const long rss_before = peak_rss_kib();
     const auto t0 = std::chrono::steady_clock::now();

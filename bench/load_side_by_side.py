@@ -7,11 +7,16 @@
    /tmp/stowage-load-bench (never committed).
 2. Warms the page cache (reads every file once), then measures in this order, each in a fresh
    child process under /usr/bin/time -v (peak RSS):
-     - memcpy bandwidth of this machine (load_bench --memcpy, same thread count);
-     - stowage: load_checkpoint_and_dispatch(device_map {"": "cpu"}, dtype bfloat16);
+     - memcpy bandwidth of this machine (load_bench --memcpy, same thread count): into warm
+       (already faulted-in) buffers, the reference, and into fresh memory (4 KiB pages and
+       MADV_HUGEPAGE), page faults included;
+     - stowage: load_checkpoint_and_dispatch(device_map {"": "cpu"}, dtype bfloat16), with
+       transparent huge pages (the default) and with --thp 0;
      - accelerate: load_checkpoint_and_dispatch(model, dir, device_map={"": "cpu"},
        dtype=torch.bfloat16) on a model built under init_empty_weights.
-   Every load is repeated --repeat times; the best time and the highest peak RSS are reported.
+   Every load is repeated --repeat times; the best time and the highest peak RSS are reported,
+   and every time is listed. The 1-minute load average is printed before and after (the
+   numbers mean little on a busy machine).
 3. Prints a Markdown table and a JSON summary (targets: >= 3x faster than accelerate, >= 60% of
    memcpy bandwidth, peak RSS <= resident weights + 256 MB).
 """
@@ -100,34 +105,47 @@ def main() -> int:
     model_name = re.search(r"Model name:\s*(.*)", cpu).group(1).strip()
     ncpu = os.cpu_count()
 
+    load_before = os.getloadavg()[0]
     mem, _ = timed([a.bench, "--memcpy", str(1 << 30), "--threads", str(a.threads)])
-    st_runs, acc_runs = [], []
+    st_runs, st4k_runs, acc_runs = [], [], []
     for _ in range(a.repeat):
         warm(a.checkpoint)
         st_runs.append(timed([a.bench, a.checkpoint, "--dtype", "bfloat16", "--threads", str(a.threads)]))
         warm(a.checkpoint)
+        st4k_runs.append(timed([a.bench, a.checkpoint, "--dtype", "bfloat16", "--threads", str(a.threads),
+                                "--thp", "0"]))
+        warm(a.checkpoint)
         acc_runs.append(timed([sys.executable, "-c", ACCELERATE_CHILD, a.checkpoint, str(a.threads)]))
     st = min(st_runs, key=lambda r: r[0]["seconds"])[0]
     st_rss = max(r[1] for r in st_runs)
+    st4k = min(st4k_runs, key=lambda r: r[0]["seconds"])[0]
+    st4k_rss = max(r[1] for r in st4k_runs)
     acc = min(acc_runs, key=lambda r: r[0]["seconds"])[0]
     acc_rss = max(r[1] for r in acc_runs)
     # The checkpoint's tensor bytes (what both read), GB/s on those.
     read = st["bytes_read"]
     st_gbps = read / st["seconds"] / 1e9
+    st4k_gbps = read / st4k["seconds"] / 1e9
     acc_gbps = read / acc["seconds"] / 1e9
     resident = st["resident_bytes"]
     summary = {
         "machine": {"cpu": model_name, "cpus": ncpu, "kernel": platform.release()},
         "checkpoint": {"path": a.checkpoint, "file_bytes": size, "tensor_bytes": read, "tensors": st["tensors"]},
+        "load_average_1min": [load_before, os.getloadavg()[0]],
         "memcpy_gbps": mem["gbps"],
+        "memcpy_fresh_gbps": mem["fresh_gbps"],
+        "memcpy_fresh_huge_gbps": mem["fresh_huge_gbps"],
         "stowage": {"seconds": st["seconds"], "gbps": st_gbps, "peak_rss_mib": st_rss / 1024,
                     "resident_mib": resident / 2**20, "all_seconds": [r[0]["seconds"] for r in st_runs]},
+        "stowage_4k_pages": {"seconds": st4k["seconds"], "gbps": st4k_gbps, "peak_rss_mib": st4k_rss / 1024,
+                             "all_seconds": [r[0]["seconds"] for r in st4k_runs]},
         "accelerate": {"seconds": acc["seconds"], "gbps": acc_gbps, "peak_rss_mib": acc_rss / 1024,
                        "rss_before_load_mib": acc["peak_rss_kib_before"] / 1024,
                        "resident_mib": acc["resident_bytes"] / 2**20,
                        "all_seconds": [r[0]["seconds"] for r in acc_runs]},
         "speedup": acc["seconds"] / st["seconds"],
         "fraction_of_memcpy": st_gbps / mem["gbps"],
+        "fraction_of_memcpy_4k_pages": st4k_gbps / mem["gbps"],
         "stowage_rss_over_resident_mib": st_rss / 1024 - resident / 2**20,
         "threads": a.threads,
     }
@@ -136,9 +154,13 @@ def main() -> int:
     print("| | time (s) | GB/s (checkpoint bytes) | peak RSS (MiB) | resident weights (MiB) |")
     print("|---|---|---|---|---|")
     print(f"| stowage | {st['seconds']:.3f} | {st_gbps:.2f} | {st_rss/1024:.0f} | {resident/2**20:.0f} |")
+    print(f"| stowage, --thp 0 (4 KiB pages) | {st4k['seconds']:.3f} | {st4k_gbps:.2f} | {st4k_rss/1024:.0f} | {resident/2**20:.0f} |")
     print(f"| accelerate | {acc['seconds']:.3f} | {acc_gbps:.2f} | {acc_rss/1024:.0f} | {acc['resident_bytes']/2**20:.0f} |")
-    print(f"| memcpy ({a.threads} threads) | | {mem['gbps']:.2f} | | |")
-    print(f"\nspeedup {summary['speedup']:.2f}x, {100*summary['fraction_of_memcpy']:.0f}% of memcpy, "
+    print(f"| memcpy ({a.threads} threads), warm buffers | | {mem['gbps']:.2f} | | |")
+    print(f"| memcpy into fresh memory, 4 KiB / huge pages | | {mem['fresh_gbps']:.2f} / {mem['fresh_huge_gbps']:.2f} | | |")
+    print(f"\nload average {load_before:.2f} -> {os.getloadavg()[0]:.2f}")
+    print(f"speedup {summary['speedup']:.2f}x, {100*summary['fraction_of_memcpy']:.0f}% of memcpy "
+          f"({100*summary['fraction_of_memcpy_4k_pages']:.0f}% with 4 KiB pages), "
           f"stowage peak RSS - resident = {summary['stowage_rss_over_resident_mib']:.0f} MiB")
     return 0
 

@@ -77,6 +77,9 @@ class mapped_file {
   std::size_t size() const noexcept { return size_; }
   std::span<const std::byte> bytes() const noexcept { return {data_, size_}; }
   const std::filesystem::path& path() const noexcept { return path_; }
+  /// The open descriptor behind the mapping (-1 when default-constructed): for pread, which
+  /// copies page-cache bytes without mapping them (the loader's streaming path).
+  int fd() const noexcept { return fd_; }
 
   /// Advises the kernel about [offset, offset+length) (clamped to the file; best effort:
   /// a refused hint is not an error).

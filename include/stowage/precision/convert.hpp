@@ -5,7 +5,8 @@
 // and the top 10 payload bits with the quiet bit set (what F16C's vcvtps2ph produces).
 // Widening (fp16/bf16 -> fp32) is exact. The bulk loops are branch-light so the compiler can
 // vectorise them; with F16C available the float16 loops use the hardware instructions, which
-// give the same bits.
+// give the same bits; float32 -> bfloat16 uses an AVX2 loop where the CPU has AVX2 (runtime
+// check, so baseline builds stay portable), same arithmetic, same bits.
 #pragma once
 
 #include <stowage/config.hpp>
@@ -20,8 +21,10 @@
 #include <string>
 
 #if defined(__F16C__) && (defined(__x86_64__) || defined(__i386__))
-#include <immintrin.h>
 #define STOWAGE_HAS_F16C 1
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
 #endif
 
 namespace stowage::precision {
@@ -82,13 +85,82 @@ constexpr float fp16_bits_to_fp32(std::uint16_t h) noexcept {
   return std::bit_cast<float>(sign | (exp << 23) | ((m & 0x3ffU) << 13));
 }
 
+namespace detail {
+
+/// The portable float32 -> bfloat16 loop over byte buffers (any alignment): branch-free, so
+/// the compiler vectorises it with whatever the baseline ISA offers.
+inline void fp32_to_bf16_bytes_portable(const std::byte* src, std::byte* dst,
+                                        std::size_t n) noexcept {
+  for (std::size_t i = 0; i < n; ++i) {
+    std::uint32_t u;
+    std::memcpy(&u, src + 4 * i, 4);
+    const std::uint32_t rounded = (u + 0x7fffU + ((u >> 16) & 1U)) >> 16;
+    const bool nan = (u & 0x7fffffffU) > 0x7f800000U;
+    const auto h = static_cast<std::uint16_t>(nan ? 0xffffU : rounded);
+    std::memcpy(dst + 2 * i, &h, 2);
+  }
+}
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define STOWAGE_HAS_AVX2_DISPATCH 1
+/// AVX2 form of the same arithmetic, 16 elements per step: (u + 0x7fff + lsb) >> 16, NaN lanes
+/// forced to 0xffff by OR-ing the compare mask's low half; packus keeps every value (all are
+/// <= 0xffff) and the permute undoes its lane interleave. Used only where the CPU has AVX2
+/// (runtime check), so a baseline build still runs everywhere.
+__attribute__((target("avx2"))) inline void fp32_to_bf16_bytes_avx2(const std::byte* src,
+                                                                    std::byte* dst,
+                                                                    std::size_t n) noexcept {
+  const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+  std::size_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 4 * i));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 4 * i + 32));
+    const __m256i ra =
+        _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(a, bias),
+                                           _mm256_and_si256(_mm256_srli_epi32(a, 16), one)),
+                          16);
+    const __m256i rb =
+        _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, bias),
+                                           _mm256_and_si256(_mm256_srli_epi32(b, 16), one)),
+                          16);
+    const __m256i na =
+        _mm256_srli_epi32(_mm256_cmpgt_epi32(_mm256_and_si256(a, abs_mask), inf), 16);
+    const __m256i nb =
+        _mm256_srli_epi32(_mm256_cmpgt_epi32(_mm256_and_si256(b, abs_mask), inf), 16);
+    const __m256i packed = _mm256_packus_epi32(_mm256_or_si256(ra, na), _mm256_or_si256(rb, nb));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * i),
+                        _mm256_permute4x64_epi64(packed, 0xd8));
+  }
+  fp32_to_bf16_bytes_portable(src + 4 * i, dst + 2 * i, n - i);
+}
+
+inline bool cpu_supports_avx2_for_bf16() noexcept {
+  static const bool has = __builtin_cpu_supports("avx2") != 0;
+  return has;
+}
+#endif
+
+}  // namespace detail
+
+/// Bulk float32 -> bfloat16 on little-endian byte buffers of any alignment (`n` elements):
+/// the loop every bfloat16 load of a float32 checkpoint runs over all its bytes. Same bits as
+/// fp32_to_bf16_bits; AVX2 where the CPU has it.
+inline void fp32_to_bf16_bytes(const std::byte* src, std::byte* dst, std::size_t n) noexcept {
+#ifdef STOWAGE_HAS_AVX2_DISPATCH
+  if (n >= 16 && detail::cpu_supports_avx2_for_bf16()) {
+    detail::fp32_to_bf16_bytes_avx2(src, dst, n);
+    return;
+  }
+#endif
+  detail::fp32_to_bf16_bytes_portable(src, dst, n);
+}
+
 /// Bulk float32 -> bfloat16 (sizes must match; caller's precondition).
 inline void fp32_to_bf16(std::span<const float> src, std::span<std::uint16_t> dst) noexcept {
   STOWAGE_ASSERT(src.size() == dst.size(), "fp32_to_bf16: sizes differ");
-  const float* s = src.data();
-  std::uint16_t* d = dst.data();
-  const std::size_t n = src.size();
-  for (std::size_t i = 0; i < n; ++i) d[i] = fp32_to_bf16_bits(s[i]);
+  fp32_to_bf16_bytes(reinterpret_cast<const std::byte*>(src.data()),
+                     reinterpret_cast<std::byte*>(dst.data()), src.size());
 }
 
 inline void bf16_to_fp32(std::span<const std::uint16_t> src, std::span<float> dst) noexcept {
