@@ -2,6 +2,8 @@
 // --dump-logits, reads the .npy back (a minimal v1.0 reader: '<f4', C order, 1-D) and checks
 // the logits against Transformers' logits of the last prompt position (fixture) within 1e-4.
 // usage: check_npy GENERATE FIXTURE.json MODEL_DIR OUT.npy [extra stowage-generate args...]
+#include "support/tiny_fixture.hpp"
+
 #include <nlohmann/json.hpp>
 
 #include <cmath>
@@ -15,32 +17,9 @@
 #include <string>
 #include <vector>
 
-namespace {
+using stowage_test::b64_floats;
 
-std::vector<float> b64_floats(const std::string& s) {
-  auto val = [](char c) -> int {
-    if (c >= 'A' && c <= 'Z') return c - 'A';
-    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
-    if (c >= '0' && c <= '9') return c - '0' + 52;
-    return c == '+' ? 62 : c == '/' ? 63 : -1;
-  };
-  std::vector<unsigned char> bytes;
-  unsigned acc = 0;
-  int bits = 0;
-  for (char c : s) {
-    const int v = val(c);
-    if (v < 0) continue;
-    acc = (acc << 6) | static_cast<unsigned>(v);
-    bits += 6;
-    if (bits >= 8) {
-      bits -= 8;
-      bytes.push_back(static_cast<unsigned char>((acc >> bits) & 0xffU));
-    }
-  }
-  std::vector<float> f(bytes.size() / 4);
-  std::memcpy(f.data(), bytes.data(), f.size() * 4);
-  return f;
-}
+namespace {
 
 int fail(const std::string& why) {
   std::cerr << "check_npy: " << why << "\n";

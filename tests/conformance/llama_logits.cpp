@@ -2,112 +2,30 @@
 // tiny random models of tools/gen_tiny_models.py (logits of every position, batched last
 // logits, 32 greedy tokens), the bf16-weight path against Transformers run on the same
 // bf16-rounded weights, and the bundled demo model's greedy continuation.
-#include <stowage/checkpoint/safetensors.hpp>
+#include "support/tiny_fixture.hpp"
+
 #include <stowage/exec/llama_forward.hpp>
-#include <stowage/precision/convert.hpp>
 
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
-#include <fstream>
-#include <memory>
 #include <string>
 #include <vector>
 
 namespace sw = stowage;
 namespace ex = stowage::exec;
+using stowage_test::b64_floats;
+using stowage_test::greedy_options;
+using stowage_test::ids_of;
+using stowage_test::loaded_model;
+using stowage_test::max_abs_diff;
+using stowage_test::read_json;
 
 namespace {
 
-const std::string fixtures = std::string(STOWAGE_FIXTURES_DIR) + "/tiny/";
-
-nlohmann::json read_json(const std::string& path) {
-  std::ifstream in(path);
-  REQUIRE(in.good());
-  return nlohmann::json::parse(in);
-}
-
-std::vector<float> b64_floats(const std::string& s) {
-  auto val = [](char c) -> int {
-    if (c >= 'A' && c <= 'Z') return c - 'A';
-    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
-    if (c >= '0' && c <= '9') return c - '0' + 52;
-    return c == '+' ? 62 : c == '/' ? 63 : -1;
-  };
-  std::vector<unsigned char> bytes;
-  unsigned acc = 0;
-  int bits = 0;
-  for (char c : s) {
-    const int v = val(c);
-    if (v < 0) continue;
-    acc = (acc << 6) | static_cast<unsigned>(v);
-    bits += 6;
-    if (bits >= 8) {
-      bits -= 8;
-      bytes.push_back(static_cast<unsigned char>((acc >> bits) & 0xffU));
-    }
-  }
-  std::vector<float> f(bytes.size() / 4);
-  std::memcpy(f.data(), bytes.data(), f.size() * 4);
-  return f;
-}
-
-/// The weights of one safetensors file, optionally re-stored as bfloat16 or float16.
-struct loaded_model {
-  ex::llama_dims dims;
-  sw::checkpoint::safetensors_file file;
-  std::vector<std::unique_ptr<std::vector<std::uint16_t>>> converted;
-  std::unique_ptr<ex::named_llama_weights> weights;
-
-  loaded_model(const std::string& dir, sw::dtype store)
-      : dims(ex::llama_dims::from_file(dir + "/config.json")),
-        file(sw::checkpoint::safetensors_file::open(dir + "/model.safetensors")) {
-    weights = std::make_unique<ex::named_llama_weights>(
-        dims, [&](std::string_view name) -> std::optional<ex::weight_ref> {
-          const auto* e = file.find(name);
-          if (!e) return std::nullopt;
-          const auto v = file.view(*e);
-          REQUIRE(v.desc.dtype == sw::dtype::float32);
-          const auto& sh = v.desc.shape;
-          const std::int64_t rows = sh.rank() == 2 ? sh[0] : 1;
-          const std::int64_t cols = sh.rank() == 2 ? sh[1] : sh[0];
-          const auto* f = reinterpret_cast<const float*>(v.data());
-          if (store == sw::dtype::float32)
-            return ex::weight_ref::from_f32(f, rows, cols, std::string(name));
-          auto buf =
-              std::make_unique<std::vector<std::uint16_t>>(static_cast<std::size_t>(rows * cols));
-          const std::span<const float> src(f, buf->size());
-          if (store == sw::dtype::bfloat16)
-            sw::precision::fp32_to_bf16(src, *buf);
-          else
-            sw::precision::fp32_to_fp16(src, *buf);
-          auto ref = ex::weight_ref::from_bits16(buf->data(), store, rows, cols, std::string(name));
-          converted.push_back(std::move(buf));
-          return ref;
-        });
-  }
-};
-
-float max_abs_diff(std::span<const float> a, std::span<const float> b) {
-  REQUIRE(a.size() == b.size());
-  float m = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) m = std::max(m, std::abs(a[i] - b[i]));
-  return m;
-}
-
-ex::generate_options greedy_options(std::int64_t n, std::vector<std::int64_t> eos = {}) {
-  ex::generate_options o;
-  o.max_new_tokens = n;
-  o.eos_token_ids = std::move(eos);
-  return o;
-}
-
-std::vector<std::int64_t> ids_of(const nlohmann::json& j) {
-  return j.get<std::vector<std::int64_t>>();
-}
+const std::string fixtures = stowage_test::tiny_fixtures_dir();
 
 }  // namespace
 

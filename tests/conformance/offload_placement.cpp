@@ -5,6 +5,8 @@
 // keeps at most blocks_in_flight blocks in flight during a real forward. Quantized models
 // (nf4, nf4 with double quantization, LLM.int8) quantize on load, hold only the quantized
 // model, and give Transformers' logits on the dequantized weights on every placement.
+#include "support/tiny_fixture.hpp"
+
 #include <stowage/checkpoint/safetensors.hpp>
 #include <stowage/dispatch/from_pretrained.hpp>
 
@@ -23,49 +25,14 @@
 
 namespace sw = stowage;
 namespace fs = std::filesystem;
+using stowage_test::b64_floats;
+using stowage_test::max_abs_diff;
+using stowage_test::read_json;
 using fp32_model = sw::models::llama_for_causal_lm<sw::precision::fp32>;
 
 namespace {
 
-const std::string fixtures = std::string(STOWAGE_FIXTURES_DIR) + "/tiny/";
-
-nlohmann::json read_json(const std::string& path) {
-  std::ifstream in(path);
-  REQUIRE(in.good());
-  return nlohmann::json::parse(in);
-}
-
-std::vector<float> b64_floats(const std::string& s) {
-  auto val = [](char c) -> int {
-    if (c >= 'A' && c <= 'Z') return c - 'A';
-    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
-    if (c >= '0' && c <= '9') return c - '0' + 52;
-    return c == '+' ? 62 : c == '/' ? 63 : -1;
-  };
-  std::vector<unsigned char> bytes;
-  unsigned acc = 0;
-  int bits = 0;
-  for (char c : s) {
-    const int v = val(c);
-    if (v < 0) continue;
-    acc = (acc << 6) | static_cast<unsigned>(v);
-    bits += 6;
-    if (bits >= 8) {
-      bits -= 8;
-      bytes.push_back(static_cast<unsigned char>((acc >> bits) & 0xffU));
-    }
-  }
-  std::vector<float> f(bytes.size() / 4);
-  std::memcpy(f.data(), bytes.data(), f.size() * 4);
-  return f;
-}
-
-float max_abs_diff(std::span<const float> a, std::span<const float> b) {
-  REQUIRE(a.size() == b.size());
-  float m = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) m = std::max(m, std::abs(a[i] - b[i]));
-  return m;
-}
+const std::string fixtures = stowage_test::tiny_fixtures_dir();
 
 struct temp_dir {
   fs::path path;

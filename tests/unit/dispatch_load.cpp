@@ -1,6 +1,8 @@
 // Unit tests of the loading path: errors raised before anything is loaded, interrupted loads
 // that free everything and leave the offload folder complete or absent, injected write
-// failures (ENOSPC), reuse of and merging into existing offload folders, execution devices.
+// failures (ENOSPC), reuse of and merging into existing offload folders, execution devices,
+// transparent huge pages on and off giving the same bytes (pread pieces at odd offsets), and a
+// checkpoint truncated under the loader (io_error naming file and offset, nothing leaked).
 // Expected tensor bytes come from tests/fixtures/load/cases.json (torch), not from stowage.
 #include <stowage/dispatch/load.hpp>
 #include <stowage/models/llama.hpp>
@@ -11,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include <unistd.h>
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -356,4 +359,204 @@ TEST_CASE("execution devices follow accelerate's dispatch_model rules", "[load][
   CHECK(gpus.offloaded("c"));
   CHECK(gpus.offloaded("d"));
   CHECK_FALSE(gpus.offloaded("a"));
+}
+
+namespace {
+
+/// Every stored tensor of two loads, byte for byte.
+void check_same_bytes(const weight_store& a, const weight_store& b) {
+  REQUIRE(a.names() == b.names());
+  for (const auto& n : a.names()) {
+    INFO(n);
+    const auto x = a.view(n).bytes(), y = b.view(n).bytes();
+    CHECK(std::equal(x.begin(), x.end(), y.begin(), y.end()));
+  }
+}
+
+/// A tensor of a hand-written safetensors file.
+struct st_tensor {
+  std::string name, dtype;  // safetensors dtype name ("F32", "U8", ...)
+  std::vector<std::int64_t> shape;
+  std::vector<std::byte> bytes;
+};
+
+/// Writes `tensors` in the given order (the order fixes the data offsets, so a small odd-sized
+/// tensor first puts the next one at an odd file offset, which safetensors allows).
+void write_st(const fs::path& path, const std::vector<st_tensor>& tensors) {
+  nlohmann::ordered_json h = nlohmann::ordered_json::object();
+  std::uint64_t at = 0;
+  for (const auto& t : tensors) {
+    h[t.name] = {
+        {"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", {at, at + t.bytes.size()}}};
+    at += t.bytes.size();
+  }
+  std::string header = h.dump();
+  header.resize((header.size() + 7) / 8 * 8, ' ');
+  std::ofstream out(path, std::ios::binary);
+  const std::uint64_t n = header.size();
+  for (int i = 0; i < 8; ++i) out.put(static_cast<char>((n >> (8 * i)) & 0xff));
+  out << header;
+  for (const auto& t : tensors)
+    out.write(reinterpret_cast<const char*>(t.bytes.data()),
+              static_cast<std::streamsize>(t.bytes.size()));
+  REQUIRE(out.good());
+}
+
+/// `n` little-endian float32 / float16 bit patterns (`Bits`: uint32_t / uint16_t) from a fixed
+/// LCG: both signs, zeros and subnormals, every exponent but the Inf/NaN one.
+template <class Bits>
+std::vector<std::byte> pattern_bytes(std::size_t n, std::uint32_t seed) {
+  std::vector<std::byte> b(n * sizeof(Bits));
+  std::uint32_t x = seed;
+  for (std::size_t i = 0; i < n; ++i) {
+    x = x * 1664525u + 1013904223u;
+    auto v = static_cast<Bits>(x >> (32 - 8 * sizeof(Bits)));
+    if constexpr (sizeof(Bits) == 4) {
+      // Keep float32 values finite and not NaN (torch's NaN payloads are not what is tested).
+      if (((v >> 23) & 0xffu) == 0xffu) v &= ~(Bits{1} << 23);
+    } else {
+      if (((v >> 10) & 0x1fu) == 0x1fu) v = static_cast<Bits>(v & ~(Bits{1} << 10));
+    }
+    std::memcpy(b.data() + i * sizeof(Bits), &v, sizeof(Bits));
+  }
+  return b;
+}
+
+module_tree one_module_tree(const std::vector<tensor_entry>& params) {
+  module_tree tree("Big");
+  const auto m = tree.add_child(0, "m", "Linear");
+  for (const auto& p : params) tree.add_parameter(m, p);
+  return tree;
+}
+
+}  // namespace
+
+TEST_CASE("transparent huge pages off gives the same bytes as on", "[load][thp]") {
+  const device_map all_cpu{{"", "cpu"}};
+  auto load = [&](const auto& model, const fs::path& ckpt, load_options opts, bool thp) {
+    opts.transparent_huge_pages = thp;
+    opts.progress = progress_mode::never;
+    return load_checkpoint_in_model(model, ckpt, all_cpu, opts);
+  };
+
+  SECTION("fp32 -> fp32 and fp32 -> bf16 on the llama fixture, = torch") {
+    const auto model = llama_model();
+    for (const auto& [id, target] :
+         {std::pair{"llama_st_all_cpu", std::optional<dtype>{}},
+          std::pair{"llama_st_bf16_keep", std::optional<dtype>{dtype::bfloat16}}}) {
+      INFO(id);
+      load_options opts;
+      opts.dtype = target;
+      if (target) opts.keep_in_fp32_modules = {"norm"};
+      const auto on = load(model, load_dir / "llama_st", opts, true);
+      const auto off = load(model, load_dir / "llama_st", opts, false);
+      check_same_bytes(on.weights, off.weights);
+      const auto expected = case_json(id)["expected"];
+      for (const auto& n : off.weights.names()) {
+        INFO(n);
+        CHECK(hex(off.weights.view(n).bytes()) == expected[n]["hex"].get<std::string>());
+      }
+    }
+  }
+
+  SECTION("tensors over 1 MiB at odd file offsets, across pread pieces and chunks") {
+    temp_dir tmp("thp");
+    // 4.5 MiB + 4 bytes of float32 at file offset data_start + 3 (odd): 4 whole 1 MiB pread
+    // pieces and a partial one; a float16 tensor after it lands at another odd offset.
+    const std::size_t n32 = (std::size_t{9} << 17) + 1, n16 = (std::size_t{3} << 19) + 7;
+    const std::vector<st_tensor> tensors{
+        {"m.pad", "U8", {3}, {std::byte{1}, std::byte{2}, std::byte{3}}},
+        {"m.big", "F32", {static_cast<std::int64_t>(n32)}, pattern_bytes<std::uint32_t>(n32, 7)},
+        {"m.half", "F16", {static_cast<std::int64_t>(n16)}, pattern_bytes<std::uint16_t>(n16, 11)},
+    };
+    const fs::path ckpt = tmp.path / "model.safetensors";
+    write_st(ckpt, tensors);
+    const auto tree = one_module_tree(
+        {{"pad", {3}, dtype::uint8},
+         {"big", {static_cast<std::int64_t>(n32)}, dtype::float32},
+         {"half", {static_cast<std::int64_t>(n16)}, dtype::float32}});  // fp16 -> fp32
+    // One chunk per tensor (several pieces in it), then 1.5 MiB chunks on two threads (a whole
+    // piece and a partial one in each), then 256 KiB chunks (inside one piece).
+    for (const auto& [threads, window] :
+         {std::pair{1u, std::size_t{64} << 20}, std::pair{2u, std::size_t{6} << 20},
+          std::pair{3u, std::size_t{1}}}) {
+      for (const auto& target : {std::optional<dtype>{}, std::optional<dtype>{dtype::bfloat16}}) {
+        INFO("threads " << threads << ", window " << window << ", dtype "
+                        << (target ? name(*target) : "model"));
+        load_options opts;
+        opts.threads = threads;
+        opts.staging_window_bytes = window;
+        opts.dtype = target;
+        const auto on = load(tree, ckpt, opts, true);
+        const auto off = load(tree, ckpt, opts, false);
+        check_same_bytes(on.weights, off.weights);
+        CHECK(hex(off.weights.view("m.pad").bytes()) == "010203");
+        const auto big = off.weights.view("m.big");
+        if (!target) {
+          // float32 -> float32 is the checkpoint's bytes.
+          REQUIRE(big.bytes().size() == tensors[1].bytes.size());
+          CHECK(std::memcmp(big.bytes().data(), tensors[1].bytes.data(), big.bytes().size()) == 0);
+          CHECK(off.weights.view("m.half").desc.dtype == dtype::float32);
+        } else {
+          CHECK(big.bytes().size() == n32 * 2);
+          CHECK(off.weights.view("m.half").desc.dtype == dtype::bfloat16);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("a checkpoint that shrinks under the loader is an io_error naming file and offset",
+          "[load][errors]") {
+  const auto tree = f1_tree();
+  temp_dir tmp("truncated");
+  const fs::path ckpt = tmp.path / "model.safetensors";
+
+  // Truncated before the load: the reader rejects it at open time.
+  fs::copy_file(load_dir / "f1_st" / "model.safetensors", ckpt);
+  fs::resize_file(ckpt, 688 + 8);  // the header and the first tensor only
+  {
+    const live_snapshot before;
+    try {
+      (void)load_checkpoint_and_dispatch(tree, ckpt);
+      FAIL("no error");
+    } catch (const checkpoint_error& e) {
+      CHECK_THAT(e.what(), Catch::Matchers::Contains(ckpt.string()));
+      CHECK_THAT(e.what(), Catch::Matchers::Contains("file not fully covered"));
+    }
+    CHECK(before.same());
+  }
+
+  // Truncated after the headers were read (the file checked whole): the first tensor loads,
+  // the hook cuts the file back to its header, and the next pread finds the end of file.
+  fs::remove(ckpt);
+  fs::copy_file(load_dir / "f1_st" / "model.safetensors", ckpt);
+  for (const bool thp : {true, false}) {
+    INFO("transparent_huge_pages " << thp);
+    load_options opts;
+    opts.threads = 1;  // the tensors are read in file order, one after the other
+    opts.transparent_huge_pages = thp;
+    opts.progress = progress_mode::never;
+    std::vector<std::string> seen;
+    opts.on_tensor_loaded = [&](const tensor_loaded_event& ev) {
+      seen.emplace_back(ev.name);
+      CHECK(ev.kind == storage_kind::host);
+      if (seen.size() == 1) fs::resize_file(ckpt, 688);  // the 8-byte length + the JSON header
+    };
+    const live_snapshot before;
+    try {
+      (void)load_checkpoint_and_dispatch(tree, ckpt, opts);
+      FAIL("no error");
+    } catch (const io_error& e) {
+      CHECK(e.path() == ckpt.string());
+      // batchnorm.bias: 16 bytes at data offset 8, after batchnorm.num_batches_tracked.
+      CHECK_THAT(e.what(), Catch::Matchers::Contains(
+                               "cannot read 16 bytes at offset 696: unexpected end of file"));
+    }
+    CHECK(seen == std::vector<std::string>{"batchnorm.num_batches_tracked"});
+    CHECK(before.same());
+    // Restore the file for the next round.
+    fs::remove(ckpt);
+    fs::copy_file(load_dir / "f1_st" / "model.safetensors", ckpt);
+  }
 }
