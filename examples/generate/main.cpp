@@ -50,7 +50,7 @@ struct cli {
   std::string dtype = "float32";
   sw::exec::cpu::sampling_options sampling;
   unsigned threads = 0;
-  std::size_t blocks_in_flight = 2;
+  std::size_t blocks_in_flight = stowage::offload_options{}.blocks_in_flight;  // library default
   std::optional<fs::path> dump_logits;
   bool ignore_eos = false;
 };

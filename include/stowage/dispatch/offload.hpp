@@ -154,8 +154,11 @@ inline hook_table make_hooks(const dispatched_weights& w,
 /// How offloaded blocks are brought in.
 struct offload_options {
   /// Blocks requested and not yet released at once (the one computing included); >= 1.
-  /// 2 = double buffering: block i + 1 is read while block i computes.
-  std::size_t blocks_in_flight = 2;
+  /// 2 = double buffering: block i + 1 is read while block i computes; 3 (the default) keeps
+  /// one more block's reads queued at the disk: slack for one slow read, for one more block of
+  /// memory (cold forwards with 2-6 measured within noise, 1 ~40% slower: docs/performance.md
+  /// "Disk offload").
+  std::size_t blocks_in_flight = 3;
   /// Read ahead on a background thread (MADV_WILLNEED + MADV_POPULATE_READ); false: only
   /// MADV_WILLNEED from the calling thread, pages fault in during compute.
   bool background_reader = true;
@@ -209,7 +212,10 @@ class block_prefetcher {
  public:
   block_prefetcher(std::vector<std::vector<const storage::file_region*>> blocks,
                    offload_options o = {})
-      : blocks_(std::move(blocks)), opts_(o), state_(blocks_.size(), state::idle) {
+      : blocks_(std::move(blocks)),
+        opts_(o),
+        state_(blocks_.size(), state::idle),
+        advised_(blocks_.size(), false) {
     if (opts_.blocks_in_flight == 0)
       throw invalid_config("offload_options::blocks_in_flight must be at least 1");
     for (std::size_t i = 0; i < blocks_.size(); ++i)
@@ -307,14 +313,26 @@ class block_prefetcher {
     while (true) {
       cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
       if (stop_) return;
+      // Readahead for EVERY queued block is asked for before the first one is mapped: the
+      // disk's queue holds the next blocks' requests while this one's pages are mapped, so
+      // reading never idles between blocks (with blocks_in_flight 3, block i + 2 is already
+      // on its way when block i + 1 is being mapped).
+      std::vector<std::size_t> advise;
+      for (std::size_t q : queue_)
+        if (!advised_[q]) {
+          advised_[q] = true;
+          advise.push_back(q);
+        }
       const std::size_t b = queue_.front();
       queue_.pop_front();
       lock.unlock();
-      // The whole block's readahead is queued first, then its pages are mapped region by
-      // region: the disk sees one long sequence of requests.
-      for (const auto* r : blocks_[b]) r->will_need();
+      for (std::size_t q : advise)
+        for (const auto* r : blocks_[q]) r->will_need();
+      // Then the block's pages are mapped region by region, in file order, by this thread:
+      // compute waits for the whole block (acquire) and never faults on a page in flight.
       for (const auto* r : blocks_[b]) detail::populate_region(*r);
       lock.lock();
+      advised_[b] = false;
       state_[b] = state::ready;
       cv_done_.notify_all();
     }
@@ -327,6 +345,7 @@ class block_prefetcher {
   std::condition_variable cv_, cv_done_;
   std::deque<std::size_t> queue_;
   std::vector<state> state_;
+  std::vector<bool> advised_;  // readahead asked for, block not mapped yet (reader only)
   std::size_t in_flight_ = 0;
   prefetch_stats stats_;
   bool stop_ = false;

@@ -3,13 +3,17 @@
 // Decode (few rows of x) is a matrix-vector product and memory-bandwidth bound: the work is
 // split into contiguous blocks of output rows, one per thread, so each thread streams its
 // own slice of the weight exactly once. Non-fp32 weights are widened a small tile of rows at
-// a time into a thread-local buffer that stays in cache, then multiplied with Eigen. A weight
+// a time into a thread-local buffer that stays in cache, then multiplied with Eigen; that is
+// for prefill, where each widened tile serves many rows. Decode batches (at most
+// matvec_max_rows rows) of a float32/bfloat16/float16 weight take the matrix-vector kernels of
+// matvec.hpp instead: one pass over the weight, 16-bit values widened in registers. A weight
 // that brings a fused product (quantized layouts: nf4/fp4/int8 through the precision engine's
 // gemm kernels) uses it for up to fused_matmul_max_rows rows of x: decode reads the packed bytes
 // once instead of widening them to float32 first.
 #pragma once
 
 #include <stowage/core/error.hpp>
+#include <stowage/exec/cpu/matvec.hpp>
 #include <stowage/exec/cpu/weight_ref.hpp>
 #include <stowage/exec/thread_pool.hpp>
 
@@ -65,6 +69,30 @@ inline void linear(std::span<const float> x, std::int64_t m, const weight_ref& w
       for (std::int64_t i = 0; i < m; ++i)
         for (std::int64_t r = 0; r < out; ++r)
           y[static_cast<std::size_t>(i * out + r)] += bias[static_cast<std::size_t>(r)];
+    return;
+  }
+  if (w.decode == nullptr && m <= detail::matvec_max_rows) {
+    // Batch rows a multiple of 4 KiB apart share L1 sets: copy them to a padded stride.
+    const float* xs = x.data();
+    std::int64_t ld_x = in;
+    thread_local std::vector<float> padded;
+    if (m > 1 && detail::padded_ld(in) != in) {
+      ld_x = detail::padded_ld(in);
+      padded.resize(static_cast<std::size_t>(m * ld_x));
+      for (std::int64_t i = 0; i < m; ++i)
+        std::copy_n(x.data() + i * in, in, padded.data() + i * ld_x);
+      xs = padded.data();
+    }
+    pool.parallel_for(
+        static_cast<std::size_t>(out), detail::chunk_rows(in), [&](std::size_t b, std::size_t e) {
+          const auto r0 = static_cast<std::int64_t>(b);
+          const auto r1 = static_cast<std::int64_t>(e);
+          detail::matvec_rows(w, xs, ld_x, m, y.data(), r0, r1);
+          if (!bias.empty())
+            for (std::int64_t i = 0; i < m; ++i)
+              for (std::int64_t r = r0; r < r1; ++r)
+                y[static_cast<std::size_t>(i * out + r)] += bias[static_cast<std::size_t>(r)];
+        });
     return;
   }
   const detail::const_map X(x.data(), m, in);
