@@ -29,6 +29,7 @@
 #include <stowage/exec/cpu/attention.hpp>
 #include <stowage/exec/cpu/embedding.hpp>
 #include <stowage/exec/cpu/linear.hpp>
+#include <stowage/exec/cpu/matvec.hpp>
 #include <stowage/exec/cpu/mlp.hpp>
 #include <stowage/exec/cpu/rms_norm.hpp>
 #include <stowage/exec/cpu/rope.hpp>
