@@ -200,6 +200,8 @@ class tree_index {
   id first_buffer(id m) const noexcept { return static_cast<id>(n_ + tmid_[m]); }
   /// One past m's direct buffers.
   id tensors_end(id m) const noexcept { return static_cast<id>(n_ + tbeg_[m + 1]); }
+  /// Module m has child modules.
+  bool has_children(id m) const noexcept { return end_[m] != pre_[m] + 1; }
   bool is_buffer(id x) const noexcept { return x >= n_ && x >= first_buffer(owner_[x - n_]); }
   const tensor_entry& tensor(id x) const {
     const id m = owner_[x - n_];

@@ -280,7 +280,7 @@ class plan_context {
     const auto& order = index_.preorder();
     for (std::size_t k = order.size(); k-- > 0;) {
       const id i = order[k];
-      if (nodes[i].children.empty() || ns.flag[i]) {
+      if (!index_.has_children(i) || ns.flag[i]) {
         v[i] = s.size[i];
       } else {
         byte_size b{};
@@ -566,9 +566,7 @@ class item_planner {
   void say(std::string_view line) const {
     if (verbose_) opt_.verbose(line);
   }
-  bool is_leaf(id x) const {
-    return !ix_.is_module(x) || nodes_[x].children.empty() || ns_.flag[x];
-  }
+  bool is_leaf(id x) const { return !ix_.is_module(x) || !ix_.has_children(x) || ns_.flag[x]; }
 
   /// The entries a split module is replaced by: its direct parameters, its children and
   /// (unlike accelerate, §9.3) its direct buffers, so they get a device too.
