@@ -124,7 +124,8 @@ constexpr std::string_view safetensors_name(dtype d) noexcept {
 constexpr std::uint16_t bits(dtype d) noexcept { return detail::info(d).bits; }
 /// torch's element_size(): bytes per element, at least 1 (bool is 1 byte in memory).
 constexpr std::uint16_t element_size(dtype d) noexcept {
-  return d == dtype::float4_e2m1fn_x2 ? 1 : static_cast<std::uint16_t>((bits(d) + 7) / 8);
+  return d == dtype::float4_e2m1fn_x2 ? std::uint16_t{1}
+                                      : static_cast<std::uint16_t>((bits(d) + 7) / 8);
 }
 constexpr bool is_floating_point(dtype d) noexcept {
   return detail::info(d).kind == detail::dtype_kind::floating;
