@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 
+from bench_util import timed, warm  # shared with the other side-by-side scripts
+
 CKPT = "/tmp/stowage-load-bench"
 
 
@@ -47,28 +49,6 @@ def make_checkpoint(path: str) -> None:
                                    torch_dtype="float32")
     model = transformers.LlamaForCausalLM(cfg)
     model.save_pretrained(path, max_shard_size="500MB")
-
-
-def warm(path: str) -> int:
-    total = 0
-    for f in sorted(os.listdir(path)):
-        with open(os.path.join(path, f), "rb") as fh:
-            while True:
-                b = fh.read(1 << 24)
-                if not b:
-                    break
-                total += len(b)
-    return total
-
-
-def timed(cmd: list[str]) -> tuple[dict, int]:
-    """Runs cmd under /usr/bin/time -v; returns its last JSON stdout line and peak RSS (KiB)."""
-    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"{cmd} failed:\n{p.stdout}\n{p.stderr}")
-    line = [l for l in p.stdout.splitlines() if l.startswith("{")][-1]
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1))
-    return json.loads(line), rss
 
 
 ACCELERATE_CHILD = r"""

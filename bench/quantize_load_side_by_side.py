@@ -29,6 +29,8 @@ import re
 import subprocess
 import sys
 
+from bench_util import timed, warm  # shared with the other side-by-side scripts
+
 CKPT = "/tmp/stowage-qload-bench"
 
 
@@ -45,28 +47,6 @@ def make_checkpoint(path: str) -> None:
     model = transformers.LlamaForCausalLM(cfg)
     model.config.dtype = "float16"
     model.save_pretrained(path, max_shard_size="500MB")
-
-
-def warm(path: str) -> int:
-    total = 0
-    for f in sorted(os.listdir(path)):
-        with open(os.path.join(path, f), "rb") as fh:
-            while True:
-                b = fh.read(1 << 24)
-                if not b:
-                    break
-                total += len(b)
-    return total
-
-
-def timed(cmd: list[str]) -> tuple[dict, int]:
-    """Runs cmd under /usr/bin/time -v; returns its last JSON stdout line and peak RSS (KiB)."""
-    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"{cmd} failed:\n{p.stdout}\n{p.stderr[-4000:]}")
-    line = [l for l in p.stdout.splitlines() if l.startswith("{")][-1]
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1))
-    return json.loads(line), rss
 
 
 TRANSFORMERS_CHILD = r"""
