@@ -5,9 +5,11 @@ Times accelerate's get_balanced_memory + infer_auto_device_map ("balanced") or
 infer_auto_device_map alone ("sequential"), and Transformers v5's from_pretrained resolver
 (transformers.integrations.accelerate._get_device_map, "auto"), on meta-device Transformers
 models built from examples/configs/*, best of N wall-clock runs; and stowage's plan_bench
-(Google Benchmark) on the same structures and budgets, in two forms: from the tree (every call
-builds the tree index and size table, as accelerate recomputes its sizes on every call) and
-through a reused plan_context, best of 5 Google Benchmark repetitions. Prints both ratios and
+(Google Benchmark) on the same structures and budgets, in three forms, best of 5 Google Benchmark
+repetitions: from the tree (infer_device_map(tree, ...) on a tree planned before: the tree keeps
+its index and size tables, module_tree::derived, as a torch model keeps its modules), the first
+plan of a tree (a fresh copy each time: the index and size tables built in the call, as
+accelerate recomputes compute_module_sizes on every call) and through a reused plan_context. Prints both ratios and
 the load average before and after (the machine is shared: rerun when it is idle).
 
 usage: /opt/stowage-tools-venv/bin/python bench/plan_side_by_side.py BUILD_DIR [REPEAT]
@@ -94,12 +96,13 @@ def main():
         if config not in models:
             models[config] = build_model(config)
         peer_s = time_peer(models[config], strategy, budgets, peer, repeat)
-        rows.append((bench, peer, peer_s, stowage[bench], stowage[bench + "_ctx"]))
+        rows.append((bench, peer, peer_s, stowage[bench], stowage[bench + "_first"],
+                     stowage[bench + "_ctx"]))
     print(f"{'case':24} {'peer':>12} {'peer time':>10} {'stowage':>10} {'x':>6} "
-          f"{'stowage ctx':>12} {'x':>6}")
-    for bench, peer, p, s, c in rows:
+          f"{'first plan':>11} {'x':>6} {'stowage ctx':>12} {'x':>6}")
+    for bench, peer, p, s, f, c in rows:
         print(f"{bench:24} {peer:>12} {p * 1e3:8.2f}ms {s * 1e6:8.1f}us {p / s:6.0f} "
-              f"{c * 1e6:10.1f}us {p / c:6.0f}")
+              f"{f * 1e6:9.1f}us {p / f:6.0f} {c * 1e6:10.1f}us {p / c:6.0f}")
     print("load average after:", " ".join(f"{x:.2f}" for x in os.getloadavg()))
 
 

@@ -9,8 +9,11 @@
 #include <stowage/core/error.hpp>
 #include <stowage/core/tensor_desc.hpp>
 
+#include <atomic>
 #include <cstddef>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -58,6 +61,57 @@ inline bool covers(std::string_view prefix, std::string_view name) noexcept {
   return name.size() == prefix.size() || name[prefix.size()] == '.';
 }
 
+namespace detail {
+
+/// Data derived from a module_tree (a planner's index and size tables), kept with the tree so
+/// planning it again does not redo full passes over it. One object per type, built on first use;
+/// dropped whenever the tree changes. Copies and moves of a tree start empty (what was derived
+/// refers to the tree it came from). Thread-safe for concurrent readers of a const tree.
+class derived_cache {
+ public:
+  derived_cache() = default;
+  derived_cache(const derived_cache&) noexcept {}
+  derived_cache(derived_cache&& other) noexcept { other.clear(); }
+  derived_cache& operator=(const derived_cache&) noexcept {
+    clear();
+    return *this;
+  }
+  derived_cache& operator=(derived_cache&& other) noexcept {
+    clear();
+    other.clear();
+    return *this;
+  }
+  ~derived_cache() = default;
+
+  /// The T kept here, or make() (a std::shared_ptr<T>) kept from now on.
+  template <class T, class Make>
+  std::shared_ptr<T> get(Make&& make) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const auto& [key, value] : entries_)
+      if (key == &key_of<T>) return std::static_pointer_cast<T>(value);
+    std::shared_ptr<T> v = make();
+    entries_.emplace_back(&key_of<T>, v);
+    filled_.store(true, std::memory_order_relaxed);
+    return v;
+  }
+  /// Drops everything (the tree changed). Contexts still holding an entry keep it alive.
+  void clear() noexcept {
+    if (!filled_.load(std::memory_order_relaxed)) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    entries_.clear();
+    filled_.store(false, std::memory_order_relaxed);
+  }
+
+ private:
+  template <class T>
+  static constexpr char key_of = 0;
+  std::mutex mutex_;
+  std::atomic<bool> filled_{false};
+  std::vector<std::pair<const void*, std::shared_ptr<void>>> entries_;
+};
+
+}  // namespace detail
+
 /// The runtime module tree. Node 0 is the root; a child is added after its parent, and every
 /// traversal follows registration order (preorder()), whatever order nodes were added in.
 class module_tree {
@@ -76,6 +130,7 @@ class module_tree {
   /// Adds a child module; returns its index. Throws model_error for a duplicate or dotted name.
   std::size_t add_child(std::size_t parent, std::string name, std::string class_name) {
     check_node(parent, "add_child");
+    cache_.clear();
     check_local_name(name, nodes_[parent].path);
     module_node n;
     n.path = join_name(nodes_[parent].path, name);
@@ -101,6 +156,7 @@ class module_tree {
       if (!t || t->is_buffer)
         throw model_error("module tree: tied name `" + p + "` is not a parameter of the model");
     }
+    cache_.clear();
     tied_.push_back(std::move(group));
   }
 
@@ -196,6 +252,14 @@ class module_tree {
     return canon;
   }
 
+  /// Data of type T derived from this tree (a planner's index and size tables), built by make()
+  /// (returning std::shared_ptr<T>) on first use and kept until the tree changes (add_child,
+  /// add_parameter, add_buffer, tie); copies and moves of the tree start without it.
+  template <class T, class Make>
+  std::shared_ptr<T> derived(Make&& make) const {
+    return cache_.template get<T>(std::forward<Make>(make));
+  }
+
  private:
   void check_node(std::size_t i, const char* what) const {
     if (i >= nodes_.size())
@@ -222,12 +286,14 @@ class module_tree {
         throw model_error("module tree: `" + join_name(n.path, t.name) +
                           "` names both a module and a tensor");
     if (!buffer) t.persistent = true;
+    cache_.clear();
     (buffer ? n.buffers : n.parameters).push_back(std::move(t));
   }
 
   std::vector<module_node> nodes_;
   std::unordered_map<std::string, std::size_t> index_;
   std::vector<std::vector<std::string>> tied_;
+  mutable detail::derived_cache cache_;
 };
 
 }  // namespace stowage

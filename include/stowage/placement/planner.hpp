@@ -20,10 +20,13 @@
 #include <stowage/precision/bnb_config.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <functional>
 #include <map>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -211,21 +214,83 @@ struct plan_scratch {
   std::vector<std::pair<std::uint32_t, id>> out;
 };
 
+/// Entries derived once and then only read, shared by threads: lookups walk a published list
+/// without locking; adding (under the owner's mutex, after looking again) publishes a new head.
+/// Entries never move or change, so references handed out stay valid.
+template <class T>
+class append_only_list {
+ public:
+  append_only_list() = default;
+  append_only_list(const append_only_list&) = delete;
+  append_only_list& operator=(const append_only_list&) = delete;
+  ~append_only_list() {
+    for (node* n = head_.load(std::memory_order_relaxed); n;) {
+      node* next = n->next;
+      delete n;
+      n = next;
+    }
+  }
+  template <class Pred>
+  const T* find(Pred&& pred) const {
+    for (const node* n = head_.load(std::memory_order_acquire); n; n = n->next)
+      if (pred(n->value)) return &n->value;
+    return nullptr;
+  }
+  /// The caller holds the lock that serialises adding.
+  const T& add(T value) {
+    auto* n = new node{std::move(value), head_.load(std::memory_order_relaxed)};
+    head_.store(n, std::memory_order_release);
+    return n->value;
+  }
+
+ private:
+  struct node {
+    T value;
+    node* next;
+  };
+  std::atomic<node*> head_{nullptr};
+};
+
 }  // namespace detail
 
 /// Everything planning needs from a tree besides the budgets, computed once and reused: the
 /// integer tree view (tree_index), item sizes per (dtype, special dtypes, size rule), no-split
 /// flags and per-subtree largest layers per no-split list, the tie groups, and scratch space.
-/// Planning a tree again through the same context costs only the planning itself.
-/// Not thread-safe (use one context per thread); the tree must outlive it, unchanged.
+/// What depends only on the tree is kept with the tree (module_tree::derived) and shared by every
+/// context of it, so a context built for a tree planned before (the plans from the tree,
+/// infer_device_map(tree, ...)) starts with its index and size tables; the tree dropping them
+/// whenever it changes. Planning a tree again costs only the planning itself.
+/// One context is not thread-safe (use one per thread; contexts of one tree may run
+/// concurrently); the tree must outlive it, unchanged.
 class plan_context {
  public:
   using id = tree_index::id;
 
-  explicit plan_context(const module_tree& tree) : index_(tree) {}
+  explicit plan_context(const module_tree& tree)
+      : data_(tree.derived<shared>([&] { return std::make_shared<shared>(tree); })),
+        scratch_(data_->take_scratch()) {}
+  plan_context(const plan_context& o) : data_(o.data_), scratch_(data_->take_scratch()) {}
+  plan_context(plan_context&& o) noexcept = default;
+  plan_context& operator=(const plan_context& o) {
+    if (this != &o) {
+      release();
+      data_ = o.data_;
+      scratch_ = data_->take_scratch();
+    }
+    return *this;
+  }
+  plan_context& operator=(plan_context&& o) noexcept {
+    if (this != &o) {
+      release();
+      data_ = std::move(o.data_);
+      scratch_ = std::move(o.scratch_);
+    }
+    return *this;
+  }
+  ~plan_context() { release(); }
 
-  const module_tree& tree() const noexcept { return index_.tree(); }
-  const tree_index& index() const noexcept { return index_; }
+  const module_tree& tree() const noexcept { return data_->index.tree(); }
+  const tree_index& index() const noexcept { return data_->index; }
 
   /// Item sizes under these rules (computed on first use).
   const item_sizes& sizes(std::optional<stowage::dtype> d, const special_dtypes& sp,
@@ -237,15 +302,21 @@ class plan_context {
                           const std::optional<precision::bnb_config>& q,
                           quantized_size_estimate estimate = quantized_size_estimate::exact,
                           std::string_view output_embeddings = "lm_head") {
+    shared& s = *data_;
+    auto match = [&](const sizes_entry& e) {
+      return e.target == d && e.rule == rule && e.special == sp &&
+             same(e.quant, q, estimate, output_embeddings);
+    };
+    if (const auto* e = s.sizes.find(match)) return e->value;
+    std::lock_guard<std::mutex> lock(s.mutex);
+    if (const auto* e = s.sizes.find(match)) return e->value;
     std::optional<quant_key> k;
     if (q) k = quant_key{*q, estimate, std::string(output_embeddings)};
-    for (const auto& e : sizes_)
-      if (e.target == d && e.rule == rule && e.special == sp && same(e.quant, k)) return e.value;
     tensor_size_overrides exact;
     if (q) exact = quantized_tensor_sizes(tree(), *q, d, sp, estimate, output_embeddings);
-    sizes_.push_back(
-        {d, sp, rule, std::move(k), compute_item_sizes(index_, d, sp, false, rule, exact)});
-    return sizes_.back().value;
+    return s.sizes
+        .add({d, sp, rule, std::move(k), compute_item_sizes(s.index, d, sp, false, rule, exact)})
+        .value;
   }
 
   /// Modules whose class is in a no-split list.
@@ -255,32 +326,38 @@ class plan_context {
     std::vector<id> instances;  ///< flagged modules in pre-order
   };
   const split_info& no_split(const std::vector<std::string>& classes) {
-    for (const auto& e : splits_)
-      if (e.classes == classes) return e;
-    split_info s{classes, std::vector<char>(index_.modules(), 0), {}};
+    shared& sh = *data_;
+    auto match = [&](const split_info& e) { return e.classes == classes; };
+    if (const auto* e = sh.splits.find(match)) return *e;
+    std::lock_guard<std::mutex> lock(sh.mutex);
+    if (const auto* e = sh.splits.find(match)) return *e;
+    split_info s{classes, std::vector<char>(sh.index.modules(), 0), {}};
     if (!classes.empty())
-      for (id i : index_.preorder()) {
+      for (id i : sh.index.preorder()) {
         const auto& c = tree().nodes()[i].class_name;
         if (std::find(classes.begin(), classes.end(), c) != classes.end()) {
           s.flag[i] = 1;
           s.instances.push_back(i);
         }
       }
-    splits_.push_back(std::move(s));
-    return splits_.back();
+    return sh.splits.add(std::move(s));
   }
 
   /// Per module: the largest layer of its subtree, a layer being a module without children or
   /// of a no-split class (accelerate's get_max_layer_size, cached per subtree).
   const std::vector<byte_size>& layer_maxima(const item_sizes& s, const split_info& ns) {
-    for (const auto& e : maxima_)
-      if (e.sizes == &s && e.split == &ns) return e.value;
+    shared& sh = *data_;
+    auto match = [&](const maxima_entry& e) { return e.sizes == &s && e.split == &ns; };
+    if (const auto* e = sh.maxima.find(match)) return e->value;
+    std::lock_guard<std::mutex> lock(sh.mutex);
+    if (const auto* e = sh.maxima.find(match)) return e->value;
     const auto& nodes = tree().nodes();
-    std::vector<byte_size> v(index_.modules());
-    const auto& order = index_.preorder();
+    const tree_index& ix = sh.index;
+    std::vector<byte_size> v(ix.modules());
+    const auto& order = ix.preorder();
     for (std::size_t k = order.size(); k-- > 0;) {
       const id i = order[k];
-      if (!index_.has_children(i) || ns.flag[i]) {
+      if (!ix.has_children(i) || ns.flag[i]) {
         v[i] = s.size[i];
       } else {
         byte_size b{};
@@ -288,8 +365,7 @@ class plan_context {
         v[i] = b;
       }
     }
-    maxima_.push_back({&s, &ns, std::move(v)});
-    return maxima_.back().value;
+    return sh.maxima.add({&s, &ns, std::move(v)}).value;
   }
 
   /// find_tied_parameters (names sorted in each group) and the same members as items.
@@ -298,20 +374,22 @@ class plan_context {
     std::vector<std::vector<id>> items;
   };
   const tie_info& ties() {
-    if (!ties_) {
-      tie_info t;
-      t.groups = find_tied_parameters(tree());
-      for (const auto& g : t.groups) {
-        std::vector<id> ids;
-        for (const auto& p : g) ids.push_back(index_.find(p).value_or(tree_index::none));
-        t.items.push_back(std::move(ids));
-      }
-      ties_ = std::move(t);
+    shared& sh = *data_;
+    auto any = [](const tie_info&) { return true; };
+    if (const auto* e = sh.ties.find(any)) return *e;
+    std::lock_guard<std::mutex> lock(sh.mutex);
+    if (const auto* e = sh.ties.find(any)) return *e;
+    tie_info t;
+    t.groups = find_tied_parameters(tree());
+    for (const auto& g : t.groups) {
+      std::vector<id> ids;
+      for (const auto& p : g) ids.push_back(sh.index.find(p).value_or(tree_index::none));
+      t.items.push_back(std::move(ids));
     }
-    return *ties_;
+    return sh.ties.add(std::move(t));
   }
 
-  detail::plan_scratch& scratch() noexcept { return scratch_; }
+  detail::plan_scratch& scratch() noexcept { return *scratch_; }
 
  private:
   struct quant_key {
@@ -319,11 +397,12 @@ class plan_context {
     quantized_size_estimate estimate;
     std::string output_embeddings;
   };
-  // Whether two quantizations size every tensor the same (the fields sizes depend on).
-  static bool same(const std::optional<quant_key>& a, const std::optional<quant_key>& b) {
+  // Whether a quantization sizes every tensor as the stored one (the fields sizes depend on).
+  static bool same(const std::optional<quant_key>& a, const std::optional<precision::bnb_config>& b,
+                   quantized_size_estimate estimate, std::string_view output_embeddings) {
     if (!a || !b) return !a && !b;
-    const auto &x = a->config, &y = b->config;
-    return a->estimate == b->estimate && a->output_embeddings == b->output_embeddings &&
+    const auto &x = a->config, &y = *b;
+    return a->estimate == estimate && a->output_embeddings == output_embeddings &&
            x.load_in_4bit == y.load_in_4bit && x.load_in_8bit == y.load_in_8bit &&
            x.bnb_4bit_quant_type == y.bnb_4bit_quant_type &&
            x.bnb_4bit_use_double_quant == y.bnb_4bit_use_double_quant &&
@@ -341,12 +420,36 @@ class plan_context {
     const split_info* split;
     std::vector<byte_size> value;
   };
-  tree_index index_;
-  std::deque<sizes_entry> sizes_;  // deques: references handed out stay valid
-  std::deque<split_info> splits_;
-  std::deque<maxima_entry> maxima_;
-  std::optional<tie_info> ties_;
-  detail::plan_scratch scratch_;
+  /// What depends only on the tree, kept with it and shared by its contexts. Entries are only
+  /// ever added (under the mutex) and never change, so references handed out stay valid and
+  /// lookups need no lock. One spare scratch space is kept for the next context.
+  struct shared {
+    explicit shared(const module_tree& t) : index(t) {}
+    ~shared() { delete spare.load(std::memory_order_relaxed); }
+    std::unique_ptr<detail::plan_scratch> take_scratch() {
+      if (auto* w = spare.exchange(nullptr, std::memory_order_acquire))
+        return std::unique_ptr<detail::plan_scratch>(w);
+      return std::make_unique<detail::plan_scratch>();
+    }
+    void give_back(std::unique_ptr<detail::plan_scratch> w) noexcept {
+      detail::plan_scratch* expected = nullptr;
+      if (spare.compare_exchange_strong(expected, w.get(), std::memory_order_release,
+                                        std::memory_order_relaxed))
+        (void)w.release();  // kept for the next context; else freed here
+    }
+    tree_index index;
+    std::mutex mutex;  // serialises adding entries
+    detail::append_only_list<sizes_entry> sizes;
+    detail::append_only_list<split_info> splits;
+    detail::append_only_list<maxima_entry> maxima;
+    detail::append_only_list<tie_info> ties;            // one entry once computed
+    std::atomic<detail::plan_scratch*> spare{nullptr};  // one scratch space kept for reuse
+  };
+  void release() noexcept {
+    if (data_ && scratch_) data_->give_back(std::move(scratch_));
+  }
+  std::shared_ptr<shared> data_;
+  std::unique_ptr<detail::plan_scratch> scratch_;
 };
 
 namespace detail {
@@ -603,11 +706,12 @@ class item_planner {
       }
       if (layer_max_[x] != best) continue;
       auto& st = w_.stack;
-      st.assign(1, x);
+      st.clear();
+      st.push_back(x);
       while (!st.empty()) {
         const id m = st.back();
         st.pop_back();
-        if (nodes_[m].children.empty() || ns_.flag[m]) {
+        if (ns_.flag[m] || !ix_.has_children(m)) {  // from the index: no node is read
           if (sz_.size[m] == best) names.push_back(m);
           continue;
         }
@@ -616,15 +720,17 @@ class item_planner {
           if (layer_max_[*c] == best) st.push_back(static_cast<id>(*c));
       }
     }
-    // Kept sorted by pre-order position of the owning module, so the names below a popped
-    // entry are one contiguous range (erase_covered).
-    auto by_key = [&](id a, id b) { return name_key(a) < name_key(b); };
-    if (!std::is_sorted(names.begin(), names.end(), by_key))
-      std::sort(names.begin(), names.end(), by_key);
+    // Kept sorted by pre-order position of the owning module, last first: the names below a
+    // popped entry are one contiguous range (erase_covered), and as the queue pops in pre-order
+    // that range is at the back, erased without moving the rest.
+    std::reverse(names.begin(), names.end());
+    auto later_first = [&](id a, id b) { return name_key(a) > name_key(b); };
+    if (!std::is_sorted(names.begin(), names.end(), later_first))
+      std::sort(names.begin(), names.end(), later_first);
     max_layer_ = best;
   }
   std::pair<id, id> name_key(id x) const { return {ix_.position(ix_.module_of(x)), x}; }
-  /// Drops the names equal to or below x from the (sorted) largest-layer names.
+  /// Drops the names equal to or below x from the (sorted, last first) largest-layer names.
   void erase_covered(id x) {
     auto& names = w_.max_names;
     if (names.empty()) return;
@@ -636,9 +742,10 @@ class item_planner {
       lo = name_key(x);
       hi = {lo.first, x + 1};
     }
-    auto cmp = [&](id a, const std::pair<id, id>& k) { return name_key(a) < k; };
-    auto b = std::lower_bound(names.begin(), names.end(), lo, cmp);
-    auto e = std::lower_bound(b, names.end(), hi, cmp);
+    // Descending keys: [b, e) are the names with lo <= key < hi.
+    auto at_or_after = [&](id a, const std::pair<id, id>& k) { return name_key(a) >= k; };
+    auto b = std::lower_bound(names.begin(), names.end(), hi, at_or_after);
+    auto e = std::lower_bound(b, names.end(), lo, at_or_after);
     names.erase(b, e);
   }
 
@@ -847,7 +954,7 @@ inline device_map item_planner::build_map() {
         out.emplace_back(w_.first[top], top);
       }
     }
-    std::sort(out.begin(), out.end());
+    if (!std::is_sorted(out.begin(), out.end())) std::sort(out.begin(), out.end());
     map.reserve(out.size());
     for (const auto& [pos, x] : out)
       map.append_new(ix_.name(x), ix_.is_module(x) && x != placed[pos].first ? w_.uniform[x]
