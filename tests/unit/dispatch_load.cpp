@@ -528,14 +528,18 @@ TEST_CASE("a checkpoint that shrinks under the loader is an io_error naming file
   }
 
   // Truncated after the headers were read (the file checked whole): the first tensor loads,
-  // the hook cuts the file back to its header, and the next pread finds the end of file.
+  // the hook cuts the file back to its header, and the next read finds the end of file (pread
+  // for a copy; the size check before a converted chunk is read through the mapping).
   fs::remove(ckpt);
   fs::copy_file(load_dir / "f1_st" / "model.safetensors", ckpt);
-  for (const bool thp : {true, false}) {
-    INFO("transparent_huge_pages " << thp);
+  for (const auto& [thp, target] :
+       {std::pair{true, std::optional<dtype>{}}, std::pair{false, std::optional<dtype>{}},
+        std::pair{true, std::optional<dtype>{dtype::bfloat16}}}) {
+    INFO("transparent_huge_pages " << thp << ", dtype " << (target ? name(*target) : "model"));
     load_options opts;
     opts.threads = 1;  // the tensors are read in file order, one after the other
     opts.transparent_huge_pages = thp;
+    opts.dtype = target;
     opts.progress = progress_mode::never;
     std::vector<std::string> seen;
     opts.on_tensor_loaded = [&](const tensor_loaded_event& ev) {

@@ -2,13 +2,14 @@
 // and load_checkpoint_and_dispatch (accelerate-spec §6.1, §7.1) for a module tree or a typed
 // model. Every tensor goes straight from the checkpoint into the storage backend its device-map
 // entry names (longest dotted prefix; "" covers all), converted on the way, chunk by chunk on
-// several threads. Tensors bound for host memory are read with pread, in cache-sized pieces
-// converted from a per-thread staging buffer (or straight into the destination when the dtype
-// is unchanged), so no checkpoint page is ever mapped or resident; the destination is faulted
-// in a chunk at a time (MADV_POPULATE_WRITE), on transparent huge pages by default. Other
-// paths (GPU, disk, quantize-on-load) read the memory mapping and drop each chunk's source
-// pages from the resident set as soon as it is done. Either way peak memory stays at the
-// resident weights plus a bounded staging window whatever the checkpoint size.
+// several threads. Tensors bound for host memory are read with pread straight into the
+// destination when the dtype is unchanged, else converted from the memory mapping, whose pages
+// are dropped chunk by chunk (the page cache's large folios map as 2 MiB pages: cheaper than
+// pread's extra copy of every byte). The destination, one 2 MiB-aligned arena for all host
+// tensors (storage::host_arena), is faulted in a chunk at a time (MADV_POPULATE_WRITE), on
+// transparent huge pages by default. Other paths (GPU, disk, quantize-on-load) also read the
+// mapping and drop each chunk's source pages as soon as it is done. Either way peak memory stays
+// at the resident weights plus a bounded staging window whatever the checkpoint size.
 //
 // Order: every header is read and checked first (missing / unexpected keys, shape mismatches,
 // dtypes, devices), so a bad checkpoint or map fails before anything is allocated or written.
@@ -86,6 +87,7 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 namespace stowage {
@@ -119,7 +121,7 @@ struct load_options {
   /// Worker threads (0: the hardware's concurrency, at most 8).
   unsigned threads = 0;
   /// Back pageable host storage with transparent huge pages where the kernel allows it
-  /// (MADV_HUGEPAGE on each allocation's 2 MiB-aligned interior): far fewer page faults while
+  /// (MADV_HUGEPAGE on the load's host arena, storage::host_arena): far fewer page faults while
   /// filling fresh memory. Where huge pages fault in slower than 2 GB/s of CPU time (memory a
   /// hypervisor took back, detail::huge_page_probe) the load switches to 4 KiB pages for the
   /// memory not yet touched. Off: plain 4 KiB pages throughout.
@@ -362,27 +364,17 @@ inline void pread_exact(int fd, std::byte* dst, std::size_t n, std::uint64_t off
   }
 }
 
-/// Source bytes read per pread in the streaming host path: small enough that the staging
-/// buffer stays in the core's L2 while it is converted, large enough that the syscall cost is
-/// noise.
-inline constexpr std::size_t pread_piece_bytes = std::size_t{1} << 20;
-
-/// Asks for transparent huge pages on the 2 MiB-aligned interior of a fresh host allocation
-/// (MADV_HUGEPAGE; a no-op where THP is off or unsupported): one fault and one clear per 2 MiB
-/// instead of 512 faults, the kernel work that dominated loading into fresh memory.
-/// `on` false: MADV_NOHUGEPAGE, the fallback (see huge_page_probe).
-inline void advise_huge_pages(void* p, std::size_t n, bool on = true) noexcept {
-#if defined(MADV_HUGEPAGE) && defined(MADV_NOHUGEPAGE)
-  constexpr std::uintptr_t huge = std::uintptr_t{2} << 20;
-  const auto b = reinterpret_cast<std::uintptr_t>(p);
-  const std::uintptr_t lo = (b + huge - 1) / huge * huge, hi = (b + n) / huge * huge;
-  if (hi > lo)
-    ::madvise(reinterpret_cast<void*>(lo), hi - lo, on ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
-#else
-  (void)p;
-  (void)n;
-  (void)on;
-#endif
+/// Before a chunk is read through the mapping: the file still holds [offset, offset + n) (it
+/// was checked whole when its header was read, but may have shrunk since). Reading a mapped
+/// page past the end of the file is a SIGBUS; this makes a file cut between chunks the same
+/// io_error that pread reports.
+inline void check_still_mapped(int fd, std::size_t n, std::uint64_t offset,
+                               const std::filesystem::path& path) {
+  struct stat st {};
+  if (fd < 0 || n == 0) return;
+  if (::fstat(fd, &st) == 0 && static_cast<std::uint64_t>(st.st_size) >= offset + n) return;
+  throw io_error(path.string(), "cannot read " + std::to_string(n) + " bytes at offset " +
+                                    std::to_string(offset) + ": unexpected end of file");
 }
 
 /// Watches how fast huge-page destinations fault in and says when to fall back to 4 KiB pages.
@@ -1016,14 +1008,28 @@ inline loaded_weights load_checkpoint_in_model(const module_tree& tree,
   }
 
   // ---- 7. Allocate memory storage (all of it before any copy: no half-loaded model). ------
+  // Host tensors are carved from one arena (2 MiB-aligned, huge pages on all of it), freed when
+  // the last of them goes; an exception before the result exists frees it with `stores`.
+  std::shared_ptr<storage::host_arena> arena;
+  {
+    std::size_t host_bytes = 0;
+    for (const auto& it : items)
+      if (it->kind == storage_kind::host)
+        host_bytes += (std::max<std::size_t>(storage::tensor_storage::byte_count(it->target), 1) +
+                       storage::default_alignment - 1) /
+                      storage::default_alignment * storage::default_alignment;
+    if (host_bytes) {
+      arena = std::make_shared<storage::host_arena>(host_bytes, opts.transparent_huge_pages);
+      // Off means 4 KiB pages even where THP is `always` (the arena is 2 MiB-aligned).
+      if (!opts.transparent_huge_pages) arena->advise_huge_pages(false);
+    }
+  }
   std::vector<storage::tensor_storage> stores(items.size());
   for (std::size_t i = 0; i < items.size(); ++i) {
     auto& it = *items[i];
     switch (it.kind) {
       case storage_kind::host:
-        stores[i] = storage::tensor_storage::allocate_host(it.target);
-        if (opts.transparent_huge_pages)
-          detail::advise_huge_pages(stores[i].mutable_data(), it.target.nbytes());
+        stores[i] = storage::tensor_storage::allocate_host(it.target, arena);
         break;
       case storage_kind::pinned_host:
         stores[i] = storage::tensor_storage::allocate_pinned(it.target);
@@ -1051,10 +1057,8 @@ inline loaded_weights load_checkpoint_in_model(const module_tree& tree,
     }
     const double c0 = detail::huge_page_probe::thread_cpu_seconds();
     detail::populate_write(p, n);
-    if (huge_probe.record(n, detail::huge_page_probe::thread_cpu_seconds() - c0))
-      for (std::size_t i = 0; i < items.size(); ++i)
-        if (items[i]->kind == storage_kind::host && stores[i].mutable_data())
-          detail::advise_huge_pages(stores[i].mutable_data(), items[i]->target.nbytes(), false);
+    if (huge_probe.record(n, detail::huge_page_probe::thread_cpu_seconds() - c0) && arena)
+      arena->advise_huge_pages(false);
   };
   unsigned threads =
       opts.threads ? opts.threads : std::min(8u, std::max(1u, std::thread::hardware_concurrency()));
@@ -1130,9 +1134,15 @@ inline loaded_weights load_checkpoint_in_model(const module_tree& tree,
         const std::byte* src = it.source.data() + t.begin * in_es;
         const bool quantized = it.quant != detail::load_item::quant_mode::none;
         const bool four_bit = it.quant == detail::load_item::quant_mode::four_bit;
-        // Memory destinations of plain (unquantized) tensors read the checkpoint with pread.
+        // Memory destinations of tensors copied unchanged read the checkpoint with pread,
+        // straight into the destination: one copy, no source page mapped. A conversion reads
+        // the mapping instead (and drops each chunk's pages after it): the page cache's large
+        // folios map as 2 MiB pages, so that costs a fault per 2 MiB, where pread would add a
+        // kernel copy of every source byte (the largest CPU cost of an fp32 -> bf16 load after
+        // faulting in the destination).
         const bool streamed =
-            !quantized && it.source.zero_copy() && it.source.file && it.source.file->fd() >= 0 &&
+            !quantized && from == to && it.source.zero_copy() && it.source.file &&
+            it.source.file->fd() >= 0 &&
             (it.kind == storage_kind::host || it.kind == storage_kind::pinned_host);
         const auto in_n = static_cast<std::size_t>(t.count * in_es);
         const auto out_n =
@@ -1190,28 +1200,16 @@ inline loaded_weights load_checkpoint_in_model(const module_tree& tree,
               auto* dst = static_cast<std::byte*>(stores[t.item].mutable_data()) + t.begin * out_es;
               populate_host(dst, out_n);
               if (streamed) {
-                // pread the checkpoint bytes (no page-table work for the source, nothing of it
-                // resident) straight into the destination when no conversion is needed, else
-                // piece by piece into a cache-sized staging buffer converted from there.
-                const int fd = it.source.file->fd();
-                const std::uint64_t off = it.source.file_offset + t.begin * in_es;
-                if (from == to) {
-                  detail::pread_exact(fd, dst, in_n, off, it.source.file->path());
-                } else {
-                  const std::size_t piece_elems =
-                      std::max<std::size_t>(1, detail::pread_piece_bytes / in_es);
-                  const std::size_t need =
-                      std::min<std::size_t>(piece_elems, static_cast<std::size_t>(t.count)) * in_es;
-                  if (staging.size() < need) staging.resize(need);
-                  for (std::size_t e = 0; e < t.count; e += piece_elems) {
-                    const std::size_t m =
-                        std::min<std::size_t>(piece_elems, static_cast<std::size_t>(t.count) - e);
-                    detail::pread_exact(fd, staging.data(), m * in_es, off + e * in_es,
-                                        it.source.file->path());
-                    detail::convert_chunk(staging.data(), from, dst + e * out_es, to, m);
-                  }
-                }
+                // pread the checkpoint bytes straight into the destination (no page-table work
+                // for the source, nothing of it resident).
+                detail::pread_exact(it.source.file->fd(), dst, in_n,
+                                    it.source.file_offset + t.begin * in_es,
+                                    it.source.file->path());
               } else {
+                if (it.source.zero_copy() && it.source.file)
+                  detail::check_still_mapped(it.source.file->fd(), in_n,
+                                             it.source.file_offset + t.begin * in_es,
+                                             it.source.file->path());
                 detail::convert_chunk(src, from, dst, to, static_cast<std::size_t>(t.count));
               }
               break;

@@ -4,7 +4,8 @@
 // entry; CUDA builds only) and a file region ("disk": an offload .dat or a checkpoint range).
 // It carries the tensor's descriptor and its placement device. Move-only; the bytes are freed
 // (or unmapped) when the handle dies. Live allocations are counted per backend so tests can
-// prove that an interrupted load freed everything it allocated.
+// prove that an interrupted load freed everything it allocated. Host bytes are either their own
+// allocation or a slice of a host_arena shared with the other tensors of one load.
 #pragma once
 
 #include <stowage/config.hpp>
@@ -23,9 +24,11 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <variant>
 
@@ -112,6 +115,51 @@ class owned_block {
   std::size_t bytes_ = 0;
 };
 
+/// A tensor's bytes carved from a host_arena, counted as host memory. The arena lives as long as
+/// its last slice; a slice released while others live gives its whole pages back.
+class arena_slice {
+ public:
+  arena_slice(std::shared_ptr<host_arena> arena, std::size_t bytes)
+      : arena_(std::move(arena)), bytes_(bytes) {
+    ptr_ = arena_->take(bytes_, default_alignment);
+    count_alloc(storage_kind::host, bytes_);
+  }
+  arena_slice(const arena_slice&) = delete;
+  arena_slice& operator=(const arena_slice&) = delete;
+  arena_slice(arena_slice&& o) noexcept
+      : arena_(std::move(o.arena_)),
+        ptr_(std::exchange(o.ptr_, nullptr)),
+        bytes_(std::exchange(o.bytes_, 0)) {}
+  arena_slice& operator=(arena_slice&& o) noexcept {
+    if (this != &o) {
+      release();
+      arena_ = std::move(o.arena_);
+      ptr_ = std::exchange(o.ptr_, nullptr);
+      bytes_ = std::exchange(o.bytes_, 0);
+    }
+    return *this;
+  }
+  ~arena_slice() { release(); }
+
+  void* data() const noexcept { return ptr_; }
+  std::size_t size() const noexcept { return bytes_; }
+
+ private:
+  void release() noexcept {
+    if (ptr_) {
+      // The last slice unmaps the whole arena instead (use_count is only a hint here: a stale
+      // value costs one redundant madvise or a delayed return, never a wrong free).
+      if (arena_.use_count() > 1) arena_->give_back(ptr_, bytes_);
+      count_free(storage_kind::host, bytes_);
+    }
+    ptr_ = nullptr;
+    arena_.reset();
+  }
+  std::shared_ptr<host_arena> arena_;
+  void* ptr_ = nullptr;
+  std::size_t bytes_ = 0;
+};
+
 /// A counted file_region.
 class counted_region {
  public:
@@ -160,10 +208,11 @@ class tensor_storage {
   using pinned_block = detail::owned_block<pinned_host, storage_kind::pinned_host>;
 #if defined(STOWAGE_WITH_CUDA)
   using device_block = detail::owned_block<device, storage_kind::device>;
-  using block =
-      std::variant<std::monostate, host_block, pinned_block, device_block, detail::counted_region>;
+  using block = std::variant<std::monostate, host_block, detail::arena_slice, pinned_block,
+                             device_block, detail::counted_region>;
 #else
-  using block = std::variant<std::monostate, host_block, pinned_block, detail::counted_region>;
+  using block = std::variant<std::monostate, host_block, detail::arena_slice, pinned_block,
+                             detail::counted_region>;
 #endif
 
   tensor_storage() = default;
@@ -187,6 +236,13 @@ class tensor_storage {
     const std::size_t n = byte_count(desc);
     return tensor_storage(std::move(desc), stowage::device::cpu(),
                           block(std::in_place_type<host_block>, host{}, n));
+  }
+  /// Pageable host memory for `desc` carved from `arena` (placement "cpu"); the arena must have
+  /// room for it (host_arena::take's alignment and size).
+  static tensor_storage allocate_host(tensor_desc desc, std::shared_ptr<host_arena> arena) {
+    const std::size_t n = byte_count(desc);
+    return tensor_storage(std::move(desc), stowage::device::cpu(),
+                          block(std::in_place_type<detail::arena_slice>, std::move(arena), n));
   }
   /// Pinned host memory for `desc` (placement "cpu").
   static tensor_storage allocate_pinned(tensor_desc desc) {
@@ -218,18 +274,21 @@ class tensor_storage {
   /// Where the device map put the tensor ("cpu", a GPU index, "disk").
   stowage::device placement() const noexcept { return placement_; }
   storage_kind kind() const noexcept {
-    switch (block_.index()) {
-      case 1:
-        return storage_kind::host;
-      case 2:
-        return storage_kind::pinned_host;
+    return std::visit(
+        [](const auto& b) {
+          using B = std::remove_cvref_t<decltype(b)>;
+          if constexpr (std::is_same_v<B, host_block> || std::is_same_v<B, detail::arena_slice>)
+            return storage_kind::host;
+          else if constexpr (std::is_same_v<B, pinned_block>)
+            return storage_kind::pinned_host;
 #if defined(STOWAGE_WITH_CUDA)
-      case 3:
-        return storage_kind::device;
+          else if constexpr (std::is_same_v<B, device_block>)
+            return storage_kind::device;
 #endif
-      default:
-        return storage_kind::file;
-    }
+          else
+            return storage_kind::file;  // and the empty handle, as before
+        },
+        block_);
   }
   /// The CPU can read the bytes directly (everything but GPU memory).
   bool host_accessible() const noexcept { return !empty() && kind() != storage_kind::device; }
