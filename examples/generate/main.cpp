@@ -4,6 +4,8 @@
 // folder it runs the bundled tiny-llama under a budget that splits it between "cpu" and
 // "disk", so the offload path is on show (offload folder in a temporary directory, removed
 // afterwards). --dump-logits writes the float32 logits of the last prompt position as .npy.
+// Built by nvcc (main.cu, CUDA builds), a device map with a GPU entry runs on the CUDA forward
+// of its first GPU; built by the C++ compiler, on the CPU.
 #include <stowage/dispatch/from_pretrained.hpp>
 #include <stowage/placement/device_map.hpp>
 
@@ -241,6 +243,10 @@ int run(const cli& c, const fs::path& dir, sw::pretrained_options o) {
             << m.config().num_hidden_layers << " layers, " << c.dtype << ")\n";
   std::cout << "placement  " << m.hf_device_map().size() << " entries, main device "
             << m.weights().main_device().to_string() << "\n";
+  std::cout << "execution  "
+            << (m.on_gpu() ? "CUDA forward on " + m.execution_device().to_string()
+                           : std::string("CPU forward"))
+            << "\n";
   for (const auto& [d, v] : per)
     std::cout << "  " << d << ": " << v.first << " entries, " << human(v.second) << "\n";
   if (m.quantized_bytes())
