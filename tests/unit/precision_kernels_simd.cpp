@@ -127,6 +127,38 @@ TEST_CASE("SIMD 4-bit quantize equals the reference loops", "[precision][simd]")
         }
 }
 
+TEST_CASE("SIMD 4-bit quantize of blocks at the ends of the float range", "[precision][simd]") {
+  // The AVX-512 bucket lookup needs 1/absmax to be a normal float (then |s| <= 1); blocks whose
+  // absmax is tiny (reciprocal inf), near FLT_MAX (reciprocal subnormal, s may round above 1) or
+  // at the edge of that range must give the reference bytes too, as must NaN among them.
+  std::mt19937 g(7);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<float> v;
+  for (float am :
+       {1e-45f, 1e-40f, 0x1p-126f, 0x1p-127f, 0x1.fffffep-127f, 0x1.000002p+126f, 0x1p+126f,
+        0x1.001bb8p+126f, 0x1p+127f, 3.0e38f, std::numeric_limits<float>::max(), 1.0f}) {
+    for (int rep = 0; rep < 4; ++rep) {
+      const std::size_t start = v.size();
+      for (int i = 0; i < 64; ++i) v.push_back(am * u(g));
+      v[start + static_cast<std::size_t>(rep * 7)] = rep % 2 ? -am : am;
+      if (rep == 3) v[start + 5] = std::numeric_limits<float>::quiet_NaN();
+    }
+  }
+  for (auto type : {sp::quant_type::nf4, sp::quant_type::fp4})
+    compare_levels(
+        [&] {
+          std::vector<std::uint8_t> packed(v.size() / 2);
+          std::vector<float> absmax(v.size() / 64);
+          sp::quantize_4bit_raw(v.data(), dtype::float32, v.size(), type, 64, packed.data(),
+                                absmax.data());
+          return std::pair{packed, bits(absmax)};
+        },
+        [](const auto& ref, const auto& simd) {
+          CHECK(ref.first == simd.first);
+          CHECK(ref.second == simd.second);
+        });
+}
+
 TEST_CASE("SIMD 4-bit quantize keeps the tie rules on thresholds", "[precision][simd]") {
   for (auto type : {sp::quant_type::nf4, sp::quant_type::fp4}) {
     const auto v = boundary_values(type);
@@ -213,6 +245,16 @@ TEST_CASE("SIMD int8 quantize and dequantize equal the reference loops", "[preci
         // Exact .5 products: row of 127 * k / 254 with absmax 1 gives k/2 for the rounding.
         for (std::size_t c = 0; c < cols; ++c)
           vals[2 * cols + c] = c == 0 ? 1.0f : static_cast<float>(c % 255) / 254.0f;
+        // Rows without NaN (the AVX-512 path finds their absmax on bit patterns): plain values,
+        // values in float16's subnormal range (the rounding to fp16 decides the absmax), and a
+        // row whose absmax overflows float16.
+        std::mt19937 g(static_cast<unsigned>(cols));
+        std::normal_distribution<float> d(0.0f, 1.0f);
+        for (std::size_t c = 0; c < cols; ++c) {
+          vals[3 * cols + c] = d(g) * 0.02f;
+          vals[4 * cols + c] = d(g) * 3e-6f;
+          vals[5 * cols + c] = c == cols / 2 ? -70000.0f : d(g);
+        }
         const auto input = as_input(vals, in);
         compare_levels(
             [&] {
@@ -230,6 +272,26 @@ TEST_CASE("SIMD int8 quantize and dequantize equal the reference loops", "[preci
               CHECK(std::get<2>(ref) == std::get<2>(simd));
             });
       }
+}
+
+TEST_CASE("SIMD int8 dequantize of a large tensor (streaming stores) equals the reference",
+          "[precision][simd]") {
+  // 16 MiB of float32 output or more, rows 16-byte aligned: the non-temporal store path.
+  const std::size_t rows = 1031, cols = 4096;
+  std::mt19937 g(11);
+  std::vector<std::int8_t> cb(rows * cols);
+  for (auto& q : cb) q = static_cast<std::int8_t>(g());
+  std::vector<float> scb(rows);
+  for (std::size_t r = 0; r < rows; ++r) scb[r] = static_cast<float>(r % 97) * 0.37f;
+  scb[5] = std::numeric_limits<float>::infinity();
+  scb[6] = std::numeric_limits<float>::quiet_NaN();
+  compare_levels(
+      [&] {
+        std::vector<float> out(rows * cols);
+        sp::dequantize_int8_raw(cb.data(), scb.data(), rows, cols, out.data());
+        return bits(out);
+      },
+      [](const auto& ref, const auto& simd) { CHECK(ref == simd); });
 }
 
 TEST_CASE("SIMD fused products agree with the reference loops", "[precision][simd]") {

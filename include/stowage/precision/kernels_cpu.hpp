@@ -24,6 +24,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <thread>
 #include <vector>
@@ -165,6 +166,114 @@ inline std::uint8_t fp4_code_of(float s) noexcept {
   for (float b : fp4_cuda_boundaries) r += a > b ? 1u : 0u;
   return static_cast<std::uint8_t>(fp4_rank_to_bits[r] | (s < 0.0f ? 8u : 0u));
 }
+
+// Bucket tables of the 4-bit quantize lookup (the AVX-512 path). A scaled value s in [-1, 1]
+// (or NaN) falls in bucket k = floor(15.5 * s + offset), offset 15.5 for NF4 (k in 0..31) and 16
+// for FP4 (s = +-0 in bucket 16, every s < 0 below it: the sign rule is a bucket edge). The SIMD
+// code computes k exactly: one FMA rounded toward -inf (floor(round_down(v)) == floor(v) for
+// every real v, since the integers are floats), then a truncating conversion (v >= 0 here). Buckets
+// are 1 / 15.5 = 0.0645 wide, narrower than the closest NF4 thresholds (0.0796 apart) and FP4
+// boundaries (0.0833, and their mirrors on the negative side), so each bucket holds at most one
+// decision point (buckets_separate), and code = map[base[k] + (s > mid[k])] — the strict
+// compare of the reference; mid = +inf where a bucket holds no point. The index j = base + gt
+// grows with s: for NF4 it is the code (map = identity); for FP4 it is 8 + rank for s >= 0 and
+// 7 - rank for s < 0, where |s| > b is s < -b, i.e. !(s > pred(-b)) with pred the next float
+// toward -inf, so mid is pred(-b) there. A NaN s converts to INT_MIN, whose low 5 bits (all
+// vpermt2ps reads) pick bucket 0, and fails the compare: base[0] leads to the NaN code 0 (FP4:
+// j = 16, and mid[0] = -inf sends the real values there to j = 17, code 11). Outside [-1, 1]
+// the tables do not apply: callers use them only when 1 / absmax is a normal float, which
+// bounds |x * (1 / absmax)| by 1 (checked over every float in
+// tests/unit/precision_quant_lookup.cpp).
+struct bucket_tables {
+  float scale = 15.5f, offset = 0.0f;
+  std::array<float, 32> mid{};
+  std::array<std::int32_t, 32> base{}, map{};
+};
+
+// Position of a decision point on the bucket axis, exact in double (15.5 * t needs 29 bits,
+// the sum at most 42 for |t| >= 2^-9).
+constexpr double bucket_position(float t, float offset) noexcept {
+  return 15.5 * static_cast<double>(t) + static_cast<double>(offset);
+}
+
+constexpr bucket_tables make_bucket_tables(quant_type q) noexcept {
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  bucket_tables t;
+  t.offset = q == quant_type::nf4 ? 15.5f : 16.0f;
+  for (std::size_t j = 0; j < 32; ++j) {
+    if (q == quant_type::nf4)
+      t.map[j] = static_cast<std::int32_t>(j & 15);
+    else if (j < 8)  // s < 0, rank 7 - j
+      t.map[j] = fp4_rank_to_bits[7 - j] | 8;
+    else if (j < 16)  // s >= 0, rank j - 8
+      t.map[j] = fp4_rank_to_bits[j - 8];
+    else  // 16: NaN; 17: the real values of bucket 0 (rank 7, negative)
+      t.map[j] = j == 17 ? fp4_rank_to_bits[7] | 8 : 0;
+  }
+  for (int k = 0; k < 32; ++k) {
+    const auto kd = static_cast<double>(k);
+    const auto uk = static_cast<std::size_t>(k);
+    int base = 0;
+    float mid = inf;
+    if (q == quant_type::nf4) {
+      for (float th : nf4_thresholds) {
+        const double p = bucket_position(th, t.offset);
+        if (p < kd) ++base;
+        if (p >= kd && p < kd + 1) mid = th;
+      }
+    } else if (k >= 16) {  // s >= 0 (and -0.0): j = 8 + rank of s
+      base = 8;
+      for (float b : fp4_cuda_boundaries) {
+        const double p = bucket_position(b, t.offset);
+        if (p < kd) ++base;
+        if (p >= kd && p < kd + 1) mid = b;
+      }
+    } else {  // s < 0: rank = #{b : s < -b}, j = 7 - rank
+      int rank = 0;
+      for (float b : fp4_cuda_boundaries) {
+        const double p = bucket_position(-b, t.offset);
+        if (p >= kd + 1) ++rank;
+        if (p >= kd && p < kd + 1) {
+          ++rank;  // s <= pred(-b) is below the point: counted
+          mid = std::bit_cast<float>(std::bit_cast<std::uint32_t>(-b) + 1u);
+        }
+      }
+      base = 7 - rank;
+      if (k == 0) {  // NaN lands here, no decision point does (buckets_separate)
+        base = 16;
+        mid = -inf;
+      }
+    }
+    t.mid[uk] = mid;
+    t.base[uk] = base;
+  }
+  return t;
+}
+
+// Decision points per bucket (at most one, none in bucket 0) and buckets in range.
+constexpr bool buckets_separate(quant_type q) noexcept {
+  const float offset = q == quant_type::nf4 ? 15.5f : 16.0f;
+  std::array<int, 32> count{};
+  auto add = [&](float point) {
+    const double p = bucket_position(point, offset);
+    if (p < 0.0 || p >= 32.0) return false;
+    ++count[static_cast<std::size_t>(p)];
+    return true;
+  };
+  bool ok = true;
+  if (q == quant_type::nf4)
+    for (float th : nf4_thresholds) ok = ok && add(th);
+  else
+    for (float b : fp4_cuda_boundaries) ok = ok && add(b) && add(-b);
+  for (std::size_t k = 0; k < 32; ++k) ok = ok && count[k] <= (k == 0 ? 0 : 1);
+  return ok;
+}
+static_assert(buckets_separate(quant_type::nf4) && buckets_separate(quant_type::fp4),
+              "make_bucket_tables: each bucket must hold at most one decision point, bucket 0 "
+              "(where NaN lands) none");
+
+inline constexpr bucket_tables nf4_buckets = make_bucket_tables(quant_type::nf4);
+inline constexpr bucket_tables fp4_buckets = make_bucket_tables(quant_type::fp4);
 
 template <quant_type Q, class In, class Load>
 void quantize_4bit_block(const In* in, Load load, std::size_t begin, std::size_t end,
@@ -466,6 +575,54 @@ struct search512 {
   }
 };
 
+// The bucket lookup (make_bucket_tables): 16 codes for 16 scaled values in [-1, 1] or NaN.
+// Bucket: FMA rounded toward -inf, then truncation (exact floor, as the value is >= 0);
+// vpermt2ps / vpermt2d read its low 5 bits. Six instructions per 16 values for NF4, seven for FP4
+// (the map from the monotone index to the nibble), where the search takes eleven.
+template <bool Map>
+struct lookup512 {
+  __m512 scale, offset, mid0, mid1;
+  __m512i base0, base1, map0, map1;
+  STOWAGE_QUANT_AVX512_FN static lookup512 make(const bucket_tables& t) noexcept {
+    return {_mm512_set1_ps(t.scale),           _mm512_set1_ps(t.offset),
+            _mm512_loadu_ps(t.mid.data()),     _mm512_loadu_ps(t.mid.data() + 16),
+            _mm512_loadu_si512(t.base.data()), _mm512_loadu_si512(t.base.data() + 16),
+            _mm512_loadu_si512(t.map.data()),  _mm512_loadu_si512(t.map.data() + 16)};
+  }
+  STOWAGE_QUANT_AVX512_FN __m512i code(__m512 s) const noexcept {
+    // floor(round_down(v)) is the truncation here: v >= 0 over the domain (NaN -> INT_MIN).
+    const __m512i k = _mm512_maskz_cvttps_epi32(
+        all16, _mm512_fmadd_round_ps(s, scale, offset, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+    const __m512 mid = _mm512_permutex2var_ps(mid0, k, mid1);
+    __m512i j = _mm512_permutex2var_epi32(base0, k, base1);
+    j = _mm512_mask_add_epi32(j, _mm512_cmp_ps_mask(s, mid, _CMP_GT_OQ), j, _mm512_set1_epi32(1));
+    if constexpr (Map) j = _mm512_permutex2var_epi32(map0, j, map1);
+    return j;
+  }
+};
+
+// 64 codes (four vectors of 16 int32 in element order, values 0..15) -> 32 packed bytes, even
+// element high. Per 128-bit lane l the two saturating packs give the bytes of elements
+// 4l..4l+3 of c0, c1, c2, c3 in turn; maddubs makes (even << 4) | odd of each adjacent pair,
+// so word 8l + 2v + e is output byte 8v + 2l + e; one vpermw puts it there, vpmovwb narrows.
+inline constexpr std::array<std::int16_t, 32> pack64_order = [] {
+  std::array<std::int16_t, 32> order{};
+  for (int q = 0; q < 32; ++q)
+    order[static_cast<std::size_t>(q)] =
+        static_cast<std::int16_t>(8 * ((q % 8) / 2) + 2 * (q / 8) + q % 2);
+  return order;
+}();
+
+STOWAGE_QUANT_AVX512_FN inline void pack64_512(__m512i c0, __m512i c1, __m512i c2, __m512i c3,
+                                               std::uint8_t* dst) noexcept {
+  constexpr __mmask32 all32 = 0xffffffffu;
+  const __m512i b = _mm512_packus_epi16(_mm512_packus_epi32(c0, c1), _mm512_packus_epi32(c2, c3));
+  const __m512i w = _mm512_maddubs_epi16(b, _mm512_set1_epi16(0x0110));
+  const __m512i ordered =
+      _mm512_maskz_permutexvar_epi16(all32, _mm512_loadu_si512(pack64_order.data()), w);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_maskz_cvtepi16_epi8(all32, ordered));
+}
+
 // 32 codes (two vectors of 16 int32) -> 16 packed bytes, even element high.
 STOWAGE_QUANT_AVX512_FN inline void pack32_512(__m512i c0, __m512i c1, std::uint8_t* dst) noexcept {
   const __m128i b0 = _mm512_maskz_cvtepi32_epi8(all16, c0),
@@ -475,27 +632,110 @@ STOWAGE_QUANT_AVX512_FN inline void pack32_512(__m512i c0, __m512i c1, std::uint
                    _mm_packus_epi16(_mm_maddubs_epi16(b0, pairs), _mm_maddubs_epi16(b1, pairs)));
 }
 
+// Block absmax accumulation: 16 running maxima of |x| over the block.
 template <in_kind K>
-STOWAGE_QUANT_AVX512_FN void quantize_blocks_512(const void* in, quant_type q,
-                                                 std::size_t blocksize, std::size_t b0,
-                                                 std::size_t b1, std::uint8_t* packed,
-                                                 float* absmax) noexcept {
-  const search512 search = search512::make(q);
-  for (std::size_t b = b0; b < b1; ++b) {
-    const std::size_t begin = b * blocksize;
-    __m512 m0 = _mm512_setzero_ps(), m1 = _mm512_setzero_ps();
+STOWAGE_QUANT_AVX512_FN inline __m512 block_max16(const void* in, std::size_t begin,
+                                                  std::size_t blocksize) noexcept {
+  __m512 m0 = _mm512_setzero_ps(), m1 = _mm512_setzero_ps();
+  if constexpr (K == in_kind::bf16) {
+    // 32 bf16 per load, |x| by clearing both sign bits; the even elements become floats by a
+    // shift, the odd ones by clearing their low neighbour (order does not matter for a max).
+    const auto* p = static_cast<const std::uint16_t*>(in) + begin;
+    for (std::size_t i = 0; i < blocksize; i += 32) {
+      const __m512i v = _mm512_and_si512(_mm512_loadu_si512(p + i), _mm512_set1_epi32(0x7fff7fff));
+      m0 = _mm512_maskz_max_ps(all16, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), m0);
+      m1 = _mm512_maskz_max_ps(
+          all16, _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(-65536))), m1);
+    }
+  } else {
     for (std::size_t i = 0; i < blocksize; i += 32) {
       // max(a, m) returns m when a is NaN: NaN never wins, as in the scalar loop.
       m0 = _mm512_maskz_max_ps(all16, _mm512_abs_ps(load16<K>(in, begin + i)), m0);
       m1 = _mm512_maskz_max_ps(all16, _mm512_abs_ps(load16<K>(in, begin + i + 16)), m1);
     }
-    const float am = hmax512(_mm512_maskz_max_ps(all16, m0, m1));
-    absmax[b] = am;
-    const __m512 inv = _mm512_set1_ps(1.0f / am);
-    std::uint8_t* dst = packed + begin / 2;
+  }
+  return _mm512_maskz_max_ps(all16, m0, m1);
+}
+
+// Codes of one block given 1 / absmax. The lookup needs |s| <= 1, which holds when 1 / absmax
+// is a normal float; blocks with a zero, tiny or huge absmax (s = NaN / inf, or an inexact
+// reciprocal that can push s above 1) take the search.
+template <in_kind K, quant_type Q>
+STOWAGE_QUANT_AVX512_FN inline void block_codes_512(const void* in, std::size_t begin,
+                                                    std::size_t blocksize, float inv_s,
+                                                    const lookup512<Q == quant_type::fp4>& lookup,
+                                                    const search512& search,
+                                                    std::uint8_t* dst) noexcept {
+  const __m512 inv = _mm512_set1_ps(inv_s);
+  if (K == in_kind::bf16 && std::isnormal(inv_s)) {
+    // bf16: the even and odd elements of 32 as two float vectors (a shift, a mask), so one
+    // lane of each holds a pair: (even << 4) | odd is the packed byte, in order.
+    const auto* p = static_cast<const std::uint16_t*>(in) + begin;
+    for (std::size_t i = 0; i < blocksize; i += 32) {
+      const __m512i v = _mm512_loadu_si512(p + i);
+      const __m512i even =
+          lookup.code(_mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), inv));
+      const __m512i odd = lookup.code(
+          _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(-65536))), inv));
+      _mm_storeu_si128(
+          reinterpret_cast<__m128i*>(dst + i / 2),
+          _mm512_maskz_cvtepi32_epi8(all16, _mm512_or_si512(_mm512_slli_epi32(even, 4), odd)));
+    }
+  } else if (std::isnormal(inv_s)) {
+    for (std::size_t i = 0; i < blocksize; i += 64)
+      pack64_512(lookup.code(_mm512_mul_ps(load16<K>(in, begin + i), inv)),
+                 lookup.code(_mm512_mul_ps(load16<K>(in, begin + i + 16), inv)),
+                 lookup.code(_mm512_mul_ps(load16<K>(in, begin + i + 32), inv)),
+                 lookup.code(_mm512_mul_ps(load16<K>(in, begin + i + 48), inv)), dst + i / 2);
+  } else {
     for (std::size_t i = 0; i < blocksize; i += 32)
       pack32_512(search.code(_mm512_mul_ps(load16<K>(in, begin + i), inv)),
                  search.code(_mm512_mul_ps(load16<K>(in, begin + i + 16), inv)), dst + i / 2);
+  }
+}
+
+// Blocks b0..b1 (whole, blocksize a multiple of 64). Four blocks at a time share the horizontal
+// reduction of their maxima (three rounds of shuffles for all four instead of four per block)
+// and one vector division for their reciprocals (IEEE, equal to the scalar 1.0f / absmax).
+template <in_kind K, quant_type Q>
+STOWAGE_QUANT_AVX512_FN void quantize_blocks_512(const void* in, std::size_t blocksize,
+                                                 std::size_t b0, std::size_t b1,
+                                                 std::uint8_t* packed, float* absmax) noexcept {
+  const search512 search = search512::make(Q);
+  const auto lookup =
+      lookup512<Q == quant_type::fp4>::make(Q == quant_type::nf4 ? nf4_buckets : fp4_buckets);
+  const __m512i lane_firsts = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  std::size_t b = b0;
+  for (; b + 4 <= b1; b += 4) {
+    const std::size_t begin = b * blocksize;
+    const __m512 m0 = block_max16<K>(in, begin, blocksize);
+    const __m512 m1 = block_max16<K>(in, begin + blocksize, blocksize);
+    const __m512 m2 = block_max16<K>(in, begin + 2 * blocksize, blocksize);
+    const __m512 m3 = block_max16<K>(in, begin + 3 * blocksize, blocksize);
+    // 128-bit lanes 0-1 of a01 reduce m0, 2-3 reduce m1; then lane j reduces block j.
+    const __m512 a01 = _mm512_maskz_max_ps(all16, _mm512_shuffle_f32x4(m0, m1, 0x44),
+                                           _mm512_shuffle_f32x4(m0, m1, 0xee));
+    const __m512 a23 = _mm512_maskz_max_ps(all16, _mm512_shuffle_f32x4(m2, m3, 0x44),
+                                           _mm512_shuffle_f32x4(m2, m3, 0xee));
+    __m512 r = _mm512_maskz_max_ps(all16, _mm512_shuffle_f32x4(a01, a23, 0x88),
+                                   _mm512_shuffle_f32x4(a01, a23, 0xdd));
+    r = _mm512_maskz_max_ps(all16, r, _mm512_permute_ps(r, 0x4e));
+    r = _mm512_maskz_max_ps(all16, r, _mm512_permute_ps(r, 0xb1));
+    const __m512 inv = _mm512_maskz_div_ps(all16, _mm512_set1_ps(1.0f), r);
+    alignas(16) float invs[4];
+    _mm_storeu_ps(absmax + b,
+                  _mm512_castps512_ps128(_mm512_maskz_permutexvar_ps(all16, lane_firsts, r)));
+    _mm_store_ps(invs,
+                 _mm512_castps512_ps128(_mm512_maskz_permutexvar_ps(all16, lane_firsts, inv)));
+    for (std::size_t j = 0; j < 4; ++j)
+      block_codes_512<K, Q>(in, begin + j * blocksize, blocksize, invs[j], lookup, search,
+                            packed + (begin + j * blocksize) / 2);
+  }
+  for (; b < b1; ++b) {
+    const std::size_t begin = b * blocksize;
+    const float am = hmax512(block_max16<K>(in, begin, blocksize));
+    absmax[b] = am;
+    block_codes_512<K, Q>(in, begin, blocksize, 1.0f / am, lookup, search, packed + begin / 2);
   }
 }
 
@@ -503,12 +743,18 @@ STOWAGE_QUANT_AVX512_FN inline void quantize_blocks_512_any(const void* in, dtyp
                                                             std::size_t blocksize, std::size_t b0,
                                                             std::size_t b1, std::uint8_t* packed,
                                                             float* absmax) noexcept {
+  auto run = [&]<in_kind K>() {
+    if (q == quant_type::nf4)
+      quantize_blocks_512<K, quant_type::nf4>(in, blocksize, b0, b1, packed, absmax);
+    else
+      quantize_blocks_512<K, quant_type::fp4>(in, blocksize, b0, b1, packed, absmax);
+  };
   if (t == dtype::float32)
-    quantize_blocks_512<in_kind::f32>(in, q, blocksize, b0, b1, packed, absmax);
+    run.template operator()<in_kind::f32>();
   else if (t == dtype::bfloat16)
-    quantize_blocks_512<in_kind::bf16>(in, q, blocksize, b0, b1, packed, absmax);
+    run.template operator()<in_kind::bf16>();
   else
-    quantize_blocks_512<in_kind::f16>(in, q, blocksize, b0, b1, packed, absmax);
+    run.template operator()<in_kind::f16>();
 }
 
 // 8 consecutive codes from the 4 bytes at src as int32 lanes (bits 0-3 valid; higher bits are
@@ -1148,7 +1394,126 @@ STOWAGE_QUANT_AVX2_FN inline void int8_rows(const void* in, dtype t, std::size_t
   }
 }
 
-// int8 -> float32: f32(f32(q * scb) * f32(1/127)), two separate multiplies.
+// LLM.int8 row quantization on AVX-512 (threshold 0: the weight path). Rounding to float16 is
+// monotone and symmetric, so max |fp16(x)| = fp16(max |x|), NaN ignored on both sides: the
+// absmax pass skips the conversion, and for 16-bit inputs compares bit patterns (|x| as a
+// 15-bit integer orders like the value; a pattern above the infinity's means a NaN, and that
+// row takes the float pass, which ignores it). The second pass rounds to float16 and back,
+// multiplies, converts rounding to nearest even (NaN lanes masked to 0, as the scalar loop) and
+// narrows with saturation (never reached: |b * scale| < 127.5).
+template <in_kind K>
+STOWAGE_QUANT_AVX512_FN float int8_absmax_512(const void* in, std::size_t off,
+                                              std::size_t cols) noexcept {
+  if constexpr (K != in_kind::f32) {
+    const auto* p = static_cast<const std::uint16_t*>(in) + off;
+    const __m512i mask = _mm512_set1_epi16(0x7fff);
+    __m512i m0 = _mm512_setzero_si512(), m1 = _mm512_setzero_si512();
+    std::size_t c = 0;
+    for (; c + 64 <= cols; c += 64) {
+      m0 = _mm512_max_epu16(m0, _mm512_and_si512(_mm512_loadu_si512(p + c), mask));
+      m1 = _mm512_max_epu16(m1, _mm512_and_si512(_mm512_loadu_si512(p + c + 32), mask));
+    }
+    const __m512i m = _mm512_max_epu16(m0, m1);
+    const __m256i h = _mm256_max_epu16(_mm512_maskz_extracti64x4_epi64(0xff, m, 0),
+                                       _mm512_maskz_extracti64x4_epi64(0xff, m, 1));
+    // minpos finds the smallest of 8 words: the largest of their complements.
+    const __m128i q =
+        _mm_xor_si128(_mm_max_epu16(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)),
+                      _mm_set1_epi16(-1));
+    unsigned top = 0xffffu & ~static_cast<unsigned>(_mm_cvtsi128_si32(_mm_minpos_epu16(q)));
+    for (; c < cols; ++c) top = std::max(top, p[c] & 0x7fffu);
+    if (top <= (K == in_kind::bf16 ? 0x7f80u : 0x7c00u)) {
+      const auto bits = static_cast<std::uint16_t>(top);
+      const float am = K == in_kind::bf16 ? bf16_bits_to_fp32(bits) : fp16_bits_to_fp32(bits);
+      return fp16_bits_to_fp32(fp32_to_fp16_bits(am));
+    }
+  }
+  __m512 m0 = _mm512_setzero_ps(), m1 = _mm512_setzero_ps();
+  std::size_t c = 0;
+  for (; c + 32 <= cols; c += 32) {
+    m0 = _mm512_maskz_max_ps(all16, _mm512_abs_ps(load16<K>(in, off + c)), m0);
+    m1 = _mm512_maskz_max_ps(all16, _mm512_abs_ps(load16<K>(in, off + c + 16)), m1);
+  }
+  float am = hmax512(_mm512_maskz_max_ps(all16, m0, m1));
+  const dtype t = K == in_kind::f32    ? dtype::float32
+                  : K == in_kind::bf16 ? dtype::bfloat16
+                                       : dtype::float16;
+  for (; c < cols; ++c) am = std::fmax(am, std::fabs(load_as_f32(in, off + c, t)));
+  return fp16_bits_to_fp32(fp32_to_fp16_bits(am));
+}
+
+// 16 int8 codes as int32: float16 round trip (unless the input is float16), x * scale,
+// conversion rounding to nearest even, NaN lanes 0.
+template <in_kind K>
+STOWAGE_QUANT_AVX512_FN inline __m512i int8_q16(__m512 v, __m512 sv) noexcept {
+  constexpr int rne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  if constexpr (K != in_kind::f16)
+    v = _mm512_maskz_cvtph_ps(all16, _mm512_maskz_cvtps_ph(all16, v, rne));
+  const __m512 p = _mm512_mul_ps(v, sv);
+  return _mm512_maskz_cvt_roundps_epi32(_mm512_cmp_ps_mask(p, p, _CMP_ORD_Q), p, rne);
+}
+
+template <in_kind K>
+STOWAGE_QUANT_AVX512_FN void int8_codes_512(const void* in, std::size_t off, std::size_t cols,
+                                            float scale, std::int8_t* dst) noexcept {
+  const __m512 sv = _mm512_set1_ps(scale);
+  std::size_t c = 0;
+  if constexpr (K == in_kind::bf16) {
+    // 32 bf16 per load: the even elements as floats by a shift, the odd ones by a mask; lane i
+    // of their codes is elements 2i and 2i + 1, merged into one 16-bit pair (the codes are in
+    // [-127, 127], so keeping the low byte of each is exact) and narrowed in order.
+    const auto* p = static_cast<const std::uint16_t*>(in) + off;
+    for (; c + 32 <= cols; c += 32) {
+      const __m512i v = _mm512_loadu_si512(p + c);
+      const __m512i even = int8_q16<K>(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), sv);
+      const __m512i odd =
+          int8_q16<K>(_mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(-65536))), sv);
+      const __m512i pairs = _mm512_or_si512(_mm512_and_si512(even, _mm512_set1_epi32(0xff)),
+                                            _mm512_slli_epi32(odd, 8));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c),
+                          _mm512_maskz_cvtepi32_epi16(all16, pairs));
+    }
+  }
+  for (; c + 16 <= cols; c += 16)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c),
+                     _mm512_maskz_cvtsepi32_epi8(all16, int8_q16<K>(load16<K>(in, off + c), sv)));
+  const dtype t = K == in_kind::f32    ? dtype::float32
+                  : K == in_kind::bf16 ? dtype::bfloat16
+                                       : dtype::float16;
+  for (; c < cols; ++c) {
+    const float b = fp16_bits_to_fp32(fp32_to_fp16_bits(load_as_f32(in, off + c, t)));
+    const float q = std::nearbyint(b * scale);
+    dst[c] =
+        std::isnan(q) ? std::int8_t{0} : static_cast<std::int8_t>(std::clamp(q, -128.0f, 127.0f));
+  }
+}
+
+template <in_kind K>
+STOWAGE_QUANT_AVX512_FN void int8_rows_512(const void* in, std::size_t r0, std::size_t r1,
+                                           std::size_t cols, std::int8_t* cb, float* scb) noexcept {
+  for (std::size_t r = r0; r < r1; ++r) {
+    const float am = int8_absmax_512<K>(in, r * cols, cols);
+    scb[r] = am;
+    int8_codes_512<K>(in, r * cols, cols, 127.0f * (1.0f / am), cb + r * cols);
+  }
+}
+
+STOWAGE_QUANT_AVX512_FN inline void int8_rows_512_any(const void* in, dtype t, std::size_t r0,
+                                                      std::size_t r1, std::size_t cols,
+                                                      std::int8_t* cb, float* scb) noexcept {
+  if (t == dtype::float32)
+    int8_rows_512<in_kind::f32>(in, r0, r1, cols, cb, scb);
+  else if (t == dtype::bfloat16)
+    int8_rows_512<in_kind::bf16>(in, r0, r1, cols, cb, scb);
+  else
+    int8_rows_512<in_kind::f16>(in, r0, r1, cols, cb, scb);
+}
+
+// int8 -> float32: f32(f32(q * scb) * f32(1/127)), two separate multiplies. Stream: outputs
+// written with non-temporal stores (dst 16-byte aligned and cols a multiple of 16, so every
+// row starts aligned; the caller fences), which saves reading each output line before it is
+// overwritten: a write stream four times the size of its input.
+template <bool Stream>
 STOWAGE_QUANT_AVX2_FN inline void int8_dequant_rows(const std::int8_t* cb, const float* scb,
                                                     std::size_t r0, std::size_t r1,
                                                     std::size_t cols, float* out) noexcept {
@@ -1162,8 +1527,8 @@ STOWAGE_QUANT_AVX2_FN inline void int8_dequant_rows(const std::int8_t* cb, const
       const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c));
       const __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
       const __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8)));
-      _mm256_storeu_ps(dst + c, _mm256_mul_ps(_mm256_mul_ps(a, s), inv));
-      _mm256_storeu_ps(dst + c + 8, _mm256_mul_ps(_mm256_mul_ps(b, s), inv));
+      store32<Stream>(dst + c, _mm256_castps_si256(_mm256_mul_ps(_mm256_mul_ps(a, s), inv)));
+      store32<Stream>(dst + c + 8, _mm256_castps_si256(_mm256_mul_ps(_mm256_mul_ps(b, s), inv)));
     }
     for (; c < cols; ++c) dst[c] = static_cast<float>(src[c]) * scb[r] * 7.874015718698502e-3f;
   }
@@ -1271,9 +1636,18 @@ inline void quantize_int8_rowwise_raw(const void* in, dtype in_type, std::size_t
                                       float threshold = 0.0f) {
   detail::check_float_dtype(in_type, "quantize_int8");
   const bool simd = detail::use_avx2();
+  const bool simd512 = detail::use_avx512() && threshold == 0.0f;
   detail::parallel_for(
       rows, std::max<std::size_t>(1, 65536 / std::max<std::size_t>(cols, 1)),
       [&](std::size_t r0, std::size_t r1) {
+#if defined(STOWAGE_QUANT_X86)
+        if (simd512) {
+          detail::avx2::int8_rows_512_any(in, in_type, r0, r1, cols, cb, scb);
+          return;
+        }
+#else
+        (void)simd512;
+#endif
         float* b = detail::int8_scratch(cols);
 #if defined(STOWAGE_QUANT_X86)
         if (simd) {
@@ -1325,15 +1699,25 @@ inline float int8_dequant_value(std::int8_t q, float scb) noexcept {
 inline void dequantize_int8_raw(const std::int8_t* cb, const float* scb, std::size_t rows,
                                 std::size_t cols, float* out) {
   const bool simd = detail::use_avx2();
+  // As dequantize_4bit: outputs of 16 MiB or more would not stay cached for the reader, so
+  // they are streamed (when every row starts 16-byte aligned).
+  const bool stream = simd && rows * cols * sizeof(float) >= (std::size_t{16} << 20) &&
+                      cols % 16 == 0 && reinterpret_cast<std::uintptr_t>(out) % 16 == 0;
   detail::parallel_for(rows, std::max<std::size_t>(1, 65536 / std::max<std::size_t>(cols, 1)),
                        [&](std::size_t r0, std::size_t r1) {
 #if defined(STOWAGE_QUANT_X86)
+                         if (stream) {
+                           detail::avx2::int8_dequant_rows<true>(cb, scb, r0, r1, cols, out);
+                           _mm_sfence();  // streamed stores visible before the join
+                           return;
+                         }
                          if (simd) {
-                           detail::avx2::int8_dequant_rows(cb, scb, r0, r1, cols, out);
+                           detail::avx2::int8_dequant_rows<false>(cb, scb, r0, r1, cols, out);
                            return;
                          }
 #else
         (void)simd;
+        (void)stream;
 #endif
                          for (std::size_t r = r0; r < r1; ++r)
                            for (std::size_t c = 0; c < cols; ++c)
