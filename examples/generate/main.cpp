@@ -34,7 +34,8 @@ constexpr const char* usage_text =
     "  [--max-memory KEY=SIZE,...] [--offload-folder DIR]\n"
     "  [--dtype float32|float16|bfloat16|int8|nf4]\n"
     "  [--temperature T] [--top-k K] [--top-p P] [--seed N] [--threads N]\n"
-    "  [--blocks-in-flight N] [--ignore-eos] [--dump-logits FILE.npy]\n"
+    "  [--blocks-in-flight N] [--disk-io auto|direct|buffered] [--ignore-eos]\n"
+    "  [--dump-logits FILE.npy]\n"
     "Without MODEL_DIR: the bundled tiny-llama, split between cpu and disk.\n";
 
 struct usage_error {
@@ -53,6 +54,7 @@ struct cli {
   sw::exec::cpu::sampling_options sampling;
   unsigned threads = 0;
   std::size_t blocks_in_flight = stowage::offload_options{}.blocks_in_flight;  // library default
+  std::optional<bool> direct_io;  // --disk-io: unset = the library's automatic rule
   std::optional<fs::path> dump_logits;
   bool ignore_eos = false;
 };
@@ -124,6 +126,14 @@ cli parse(int argc, char** argv) {
       c.threads = parse_number<unsigned>(value(i), "--threads");
     } else if (a == "--blocks-in-flight") {
       c.blocks_in_flight = parse_number<std::size_t>(value(i), "--blocks-in-flight");
+    } else if (a == "--disk-io") {
+      const std::string m = value(i);
+      if (m == "auto")
+        c.direct_io.reset();
+      else if (m == "direct" || m == "buffered")
+        c.direct_io = m == "direct";
+      else
+        throw usage_error{"--disk-io takes auto, direct or buffered, not `" + m + "`"};
     } else if (a == "--ignore-eos") {
       c.ignore_eos = true;
     } else if (a == "--dump-logits") {
@@ -327,8 +337,11 @@ int run(const cli& c, const fs::path& dir, sw::pretrained_options o) {
               decode > 0 ? static_cast<double>(steps) / decode : 0.0);
   const auto s = m.prefetcher().stats();
   if (s.requests)
-    std::printf("prefetch   %zu block fetches, %s requested, at most %zu blocks in flight\n",
-                s.requests, human(s.bytes_requested).c_str(), s.max_in_flight);
+    std::printf("prefetch   %zu block fetches, %s requested, at most %zu blocks in flight, %s\n",
+                s.requests, human(s.bytes_requested).c_str(), s.max_in_flight,
+                !m.prefetcher().reads_into_buffers() ? "mapped reads"
+                : m.prefetcher().direct_io()         ? "direct reads"
+                                                     : "buffered reads");
   if (c.dump_logits) std::cout << "logits     " << c.dump_logits->string() << "\n";
   return 0;
 }
@@ -343,6 +356,7 @@ int main(int argc, char** argv) {
     sw::pretrained_options o;
     o.threads = c.threads;
     o.offload.blocks_in_flight = c.blocks_in_flight;
+    o.offload.direct_io = c.direct_io;
     if (c.max_memory)
       o.max_memory = parse_budgets(*c.max_memory);
     else if (demo)

@@ -12,9 +12,12 @@
 
 #include <catch2/catch.hpp>
 
+#include <fcntl.h>
 #include <unistd.h>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -126,8 +129,15 @@ TEST_CASE("tied parameters share one storage wherever they live", "[dispatch][ti
     sw::offloaded_llama_weights src(w, dims);
     const auto e = src.embed_tokens();
     const auto h = src.lm_head();
-    CHECK(e.data == h.data);  // one copy
     CHECK(e.data == w.weights().find("model.embed_tokens.weight")->data());
+    if (src.prefetcher().reads_into_buffers()) {
+      // On disk the one stored copy is read into the head block's buffer for the call.
+      REQUIRE(d.is_disk());
+      CHECK(h.data == src.prefetcher().data(src.prefetcher().size() - 1, e.data));
+      CHECK(std::memcmp(h.data, e.data, static_cast<std::size_t>(h.numel()) * 4) == 0);
+    } else {
+      CHECK(e.data == h.data);  // one copy
+    }
   }
 }
 
@@ -234,16 +244,22 @@ TEST_CASE("block_prefetcher keeps at most blocks_in_flight blocks requested",
   }
   std::vector<sw::storage::file_region> regions;
   for (std::size_t i = 0; i < n; ++i) regions.emplace_back(file, i * block_bytes, block_bytes);
-  for (const bool reader : {true, false})
+  for (const int mode : {0, 1, 2})
     for (std::size_t k : {1u, 2u, 3u}) {
-      INFO("blocks_in_flight " << k << (reader ? " (reader thread)" : " (madvise only)"));
+      const bool reader = mode != 2;
+      INFO("blocks_in_flight " << k
+                               << (mode == 0   ? " (reader threads, buffers)"
+                                   : mode == 1 ? " (reader thread, mapped)"
+                                               : " (madvise only)"));
       std::vector<std::vector<const sw::storage::file_region*>> blocks(n + 1);
       for (std::size_t i = 0; i < n; ++i) blocks[i] = {&regions[i]};
       // Block n is resident (no file regions): it costs nothing and is never counted.
       sw::block_prefetcher p(std::move(blocks), {.blocks_in_flight = k,
                                                  .background_reader = reader,
                                                  .release_after_use = true,
-                                                 .wrap_around = true});
+                                                 .wrap_around = true,
+                                                 .read_into_buffers = mode == 0});
+      CHECK(p.reads_into_buffers() == (mode == 0));
       std::size_t peak = 0;
       for (int pass = 0; pass < 2; ++pass)
         for (std::size_t u = 0; u <= n; ++u) {
@@ -262,6 +278,117 @@ TEST_CASE("block_prefetcher keeps at most blocks_in_flight blocks requested",
       CHECK(p.in_flight() == s.requests - s.releases);
     }
   CHECK_THROWS_AS(sw::block_prefetcher({}, {.blocks_in_flight = 0}), sw::invalid_config);
+}
+
+TEST_CASE(
+    "block_prefetcher reads blocks into buffers: every region's bytes, at the file's "
+    "alignment, coalesced where adjacent; a failed read is an io_error and is retried",
+    "[dispatch][prefetch]") {
+  auto byte_at = [](std::size_t i, int salt) {
+    return static_cast<char>((i * 31 + 7 + static_cast<std::size_t>(salt)) % 251);
+  };
+  auto write = [&](const fs::path& f, std::size_t n, int salt) {
+    std::ofstream out(f, std::ios::binary);
+    std::vector<char> buf(n);
+    for (std::size_t i = 0; i < n; ++i) buf[i] = byte_at(i, salt);
+    out.write(buf.data(), static_cast<std::streamsize>(buf.size()));
+  };
+  std::vector<fs::path> dirs{fs::temp_directory_path()};
+  if (fs::is_directory("/dev/shm")) dirs.emplace_back("/dev/shm");  // tmpfs: no O_DIRECT
+  for (const auto& base : dirs) {
+    const fs::path dir = base / ("stowage-prefetch-buffers-" + std::to_string(::getpid()) + "-" +
+                                 std::to_string(&base - dirs.data()));
+    fs::create_directories(dir);
+    struct cleanup {
+      fs::path p;
+      ~cleanup() {
+        std::error_code ec;
+        fs::remove_all(p, ec);
+      }
+    } cleanup_dir{dir};
+    const auto a = dir / "a.bin", b = dir / "b.bin";
+    const std::size_t a_size = 3 * 65536 + 1234, b_size = 10000;  // not page multiples
+    write(a, a_size, 0);
+    write(b, b_size, 1);
+    auto evict = [&] {  // out of the page cache: the first reads use O_DIRECT (where enabled)
+      for (const auto& f : {a, b}) {
+        const int fd = ::open(f.c_str(), O_RDONLY);
+        REQUIRE(fd >= 0);
+        ::fdatasync(fd);
+        ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+        ::close(fd);
+      }
+    };
+    std::vector<sw::storage::file_region> r;
+    r.emplace_back(a, 100, 5000);                   // 0
+    r.emplace_back(a, 5100, 7000);                  // 1: adjacent to 0
+    r.emplace_back(a, 50000, 3000);                 // 2: 38 KB further on
+    r.emplace_back(a, 150000, a_size - 150000);     // 3: up to the end of the file
+    r.emplace_back(b, 8, 4000);                     // 4: another file
+    r.emplace_back(a, 2 * 65536 + 8, 9000 - 1000);  // 5: far from 0..2
+    const auto layout = sw::detail::plan_block_reads({&r[0], &r[1], &r[2]});
+    CHECK(layout.reads.size() == 1);
+    CHECK(sw::detail::plan_block_reads({&r[0], &r[3], &r[4]}).reads.size() == 3);
+    for (const std::size_t threads : {1u, 2u})
+      for (const std::size_t chunk : {std::size_t{4096}, std::size_t{16} << 20}) {
+        const bool direct = chunk == 4096 || threads == 1;  // buffered pread in one
+        INFO(dir << ", " << threads << " reader threads, pieces of " << chunk
+                 << (direct ? ", O_DIRECT" : ", buffered"));
+        std::vector<std::vector<const sw::storage::file_region*>> blocks{
+            {&r[2], &r[0], &r[1]}, {}, {&r[3], &r[4], &r[5]}, {&r[2]}};
+        sw::block_prefetcher p(std::move(blocks), {.blocks_in_flight = 2,
+                                                   .read_into_buffers = true,
+                                                   .reader_threads = threads,
+                                                   .read_chunk_bytes = chunk,
+                                                   .direct_io = direct});
+        REQUIRE(p.reads_into_buffers());
+        CHECK(p.direct_io() == direct);
+        evict();
+        const std::vector<std::vector<std::size_t>> regions_of{{0, 1, 2}, {}, {3, 4, 5}, {2}};
+        for (int pass = 0; pass < 2; ++pass)
+          for (std::size_t u = 0; u < regions_of.size(); ++u) {
+            p.acquire(u);
+            for (std::size_t i : regions_of[u]) {
+              const auto* got = p.data(u, r[i].data());
+              CHECK(got != r[i].data());
+              CHECK(reinterpret_cast<std::uintptr_t>(got) % 4096 == r[i].offset() % 4096);
+              CHECK(std::memcmp(got, r[i].data(), r[i].size()) == 0);
+              const auto* last = r[i].data() + r[i].size() - 1;
+              CHECK(p.data(u, last) == got + r[i].size() - 1);
+              CHECK(static_cast<char>(*p.data(u, last)) ==
+                    byte_at(r[i].offset() + r[i].size() - 1, i == 4 ? 1 : 0));
+            }
+            p.release(u);
+          }
+        // Not acquired (or not in the block): served from the mapping.
+        CHECK(p.data(1, r[0].data()) == r[0].data());
+      }
+    {  // direct_io unset: O_DIRECT only when the blocks exceed half of the available RAM
+      const auto avail = sw::available_host_memory();
+      REQUIRE(avail);
+      CHECK_FALSE(sw::detail::direct_io_pays(0));
+      CHECK_FALSE(sw::detail::direct_io_pays(static_cast<std::uint64_t>(*avail) / 4));
+      CHECK(sw::detail::direct_io_pays(static_cast<std::uint64_t>(*avail) * 2));
+      std::vector<std::vector<const sw::storage::file_region*>> blocks{{&r[0]}};
+      sw::block_prefetcher p(std::move(blocks), {.blocks_in_flight = 1});
+      CHECK(p.reads_into_buffers());
+      CHECK_FALSE(p.direct_io());  // a few KB: buffered, the page cache keeps them
+    }
+    {  // a file cut short after it was mapped
+      std::vector<std::vector<const sw::storage::file_region*>> blocks{{&r[0]}, {&r[3]}};
+      sw::block_prefetcher p(std::move(blocks), {.blocks_in_flight = 2, .wrap_around = false});
+      fs::resize_file(a, 140000);  // r[3] lies past the end now
+      p.acquire(0);
+      CHECK(std::memcmp(p.data(0, r[0].data()), r[0].data(), r[0].size()) == 0);
+      p.release(0);
+      CHECK_THROWS_AS(p.acquire(1), sw::io_error);
+      CHECK(p.in_flight() == 0);
+      fs::resize_file(a, a_size);  // back (zeros): read again
+      p.acquire(1);
+      CHECK(std::memcmp(p.data(1, r[3].data()), r[3].data(), r[3].size()) == 0);
+      p.acquire(0);  // destroyed with two blocks in flight: no hang, buffers freed
+    }
+  }
 }
 
 TEST_CASE(

@@ -4,12 +4,14 @@
 //     device (its GPU, else the main device = first GPU of the map, else "cpu"), whether its
 //     weights are offloaded (brought in before each call), and io_same_device on the root, so
 //     outputs come back on the input's device;
-//   - block_prefetcher: brings file-backed blocks in AHEAD of use. While block i computes, a
-//     background reader asks the kernel for block i + 1's pages (MADV_WILLNEED, then
-//     MADV_POPULATE_READ so they are read in large sequential requests), and a finished
-//     block's pages leave the resident set (release_pages). At most `blocks_in_flight` blocks
-//     are requested-and-not-released at any time, so disk reads overlap compute and memory
-//     stays bounded whatever the model size. accelerate has no prefetch at all (§9.17);
+//   - block_prefetcher: brings file-backed blocks in AHEAD of use. While block i computes,
+//     background reader threads read the next blocks with large pread()s (O_DIRECT for bytes
+//     not in the page cache) into a ring of reusable buffers, one per block in flight: no page
+//     faults, no mapping and unmapping, no page-cache copy when cold. (The mapped alternative:
+//     MADV_WILLNEED + MADV_POPULATE_READ on the file mapping, pages released after use.) At
+//     most `blocks_in_flight` blocks are requested-and-not-released at any time, so disk reads
+//     overlap compute and memory stays bounded whatever the model size. accelerate has no
+//     prefetch at all (§9.17);
 //   - offloaded_llama_weights: the llama_weights_source the CPU forward reads, giving each
 //     decoder layer its weights on its execution device through the prefetcher. Tied
 //     parameters share one storage (the weight_store's alias), so they are one copy wherever
@@ -29,6 +31,7 @@
 #include <stowage/module/to_module_tree.hpp>
 #include <stowage/placement/device_map.hpp>
 #include <stowage/placement/devices.hpp>
+#include <stowage/placement/max_memory.hpp>
 #include <stowage/storage/file.hpp>
 #include <stowage/storage/offload_folder.hpp>
 #include <stowage/storage/tensor_storage.hpp>
@@ -37,11 +40,13 @@
 #endif
 
 #include <algorithm>
+#include <cerrno>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <deque>
+#include <exception>
 #include <filesystem>
 #include <functional>
 #include <memory>
@@ -54,7 +59,10 @@
 #include <utility>
 #include <vector>
 
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 namespace stowage {
 
@@ -167,6 +175,27 @@ struct offload_options {
   /// After the last block, start on the first again (the next forward's first block arrives
   /// during this one's tail): decode reads every block every token.
   bool wrap_around = true;
+  /// With the background reader: read each block with large pread()s into one of
+  /// blocks_in_flight reusable buffers (a block's regions coalesced where they are adjacent in
+  /// a file) instead of mapping the file: no page faults, no mapping or unmapping, and bytes
+  /// not already in the page cache are read with O_DIRECT (no page-cache copy; buffered
+  /// pread where the file system refuses it). false: the pages of the file mapping are
+  /// populated and released (MADV_POPULATE_READ / MADV_DONTNEED).
+  bool read_into_buffers = true;
+  /// Reader threads of read_into_buffers: each block is read in `read_chunk_bytes` pieces by
+  /// this many threads at once, so the disk always has several pieces queued (cold O_DIRECT
+  /// reads of the 803 MB bench checkpoint on the dev VM, busy: 4 x 8 MiB 0.39-0.44 s, 2 x 16
+  /// MiB 0.56-0.64 s, one 64 MiB read at a time 0.61 s). The threads sleep in the reads.
+  std::size_t reader_threads = 4;
+  std::size_t read_chunk_bytes = std::size_t{8} << 20;
+  /// read_into_buffers: true: bytes not in the page cache are read with O_DIRECT (no
+  /// page-cache copy, nothing evicted to make room; every forward reads them from the disk
+  /// again). false: buffered pread (the page cache keeps them for the next forward). Unset
+  /// (the default): O_DIRECT only when the file-backed blocks together exceed half of the RAM
+  /// available now — then the page cache could not keep them from one forward to the next
+  /// anyway (a cyclic scan larger than the cache never hits), so caching would only cost a copy
+  /// and evict other memory; smaller offloaded weights stay cached and later tokens read RAM.
+  std::optional<bool> direct_io = std::nullopt;
 };
 
 /// What the prefetcher did (tests prove the bound on blocks in flight with these).
@@ -203,11 +232,203 @@ inline void populate_region(const storage::file_region& r) noexcept {
     sink = static_cast<std::uint8_t>(sink ^ std::to_integer<std::uint8_t>(r.data()[off]));
   (void)sink;
 }
+
+/// Alignment of the reads into block buffers: O_DIRECT needs offsets, lengths and buffer
+/// addresses on the device's logical block size (4096 covers every common one). A region's
+/// bytes keep their file offset modulo 4096 in the buffer, so the kernels see the same
+/// alignment as through the page-aligned mapping.
+inline constexpr std::uint64_t read_align = 4096;
+
+/// One read of a block: [offset, offset + length) of `path` into the block's buffer at
+/// `buffer_offset`; offset, length and buffer_offset are multiples of read_align, and the
+/// file must hold at least `needed` bytes from offset (the rest may lie past its end).
+struct block_read {
+  std::filesystem::path path;
+  std::uint64_t offset = 0;
+  std::uint64_t length = 0;
+  std::uint64_t needed = 0;
+  std::size_t buffer_offset = 0;
+};
+
+/// Where a block's regions land in its buffer.
+struct block_layout {
+  std::vector<block_read> reads;
+  std::vector<std::size_t> region_offset;  ///< per region (the block's order): first byte
+  std::size_t bytes = 0;                   ///< buffer size the block needs
+};
+
+/// Coalesces a block's regions: sorted by file and offset, regions whose aligned covers touch
+/// or lie within `merge_gap` bytes of each other become one read (a decoder layer's tensors
+/// are adjacent in a safetensors file: one read per layer).
+inline block_layout plan_block_reads(const std::vector<const storage::file_region*>& regions,
+                                     std::uint64_t merge_gap = 64 * 1024) {
+  block_layout l;
+  l.region_offset.assign(regions.size(), 0);
+  std::vector<std::size_t> order(regions.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+    if (regions[a]->path() != regions[b]->path()) return regions[a]->path() < regions[b]->path();
+    return regions[a]->offset() < regions[b]->offset();
+  });
+  std::vector<std::size_t> read_of(regions.size(), 0);
+  for (std::size_t i : order) {
+    const auto* r = regions[i];
+    const std::uint64_t lo = r->offset() / read_align * read_align;
+    const std::uint64_t end = r->offset() + r->size();
+    const std::uint64_t hi = (end + read_align - 1) / read_align * read_align;
+    if (!l.reads.empty() && l.reads.back().path == r->path() &&
+        lo <= l.reads.back().offset + l.reads.back().length + merge_gap) {
+      auto& cur = l.reads.back();
+      cur.length = std::max(cur.offset + cur.length, hi) - cur.offset;
+      cur.needed = std::max(cur.needed, end - cur.offset);
+    } else {
+      const std::size_t at = l.reads.empty() ? 0
+                                             : l.reads.back().buffer_offset +
+                                                   static_cast<std::size_t>(l.reads.back().length);
+      l.reads.push_back(block_read{r->path(), lo, hi - lo, end - lo, at});
+    }
+    read_of[i] = l.reads.size() - 1;
+  }
+  for (std::size_t i = 0; i < regions.size(); ++i) {
+    const auto& rd = l.reads[read_of[i]];
+    l.region_offset[i] =
+        rd.buffer_offset + static_cast<std::size_t>(regions[i]->offset() - rd.offset);
+  }
+  if (!l.reads.empty())
+    l.bytes = l.reads.back().buffer_offset + static_cast<std::size_t>(l.reads.back().length);
+  return l;
+}
+
+/// A page-aligned anonymous buffer, its pages faulted in once when made (a reused block
+/// buffer never faults again). Move-only.
+class read_buffer {
+ public:
+  read_buffer() = default;
+  explicit read_buffer(std::size_t bytes) {
+    if (bytes == 0) return;
+    void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+      throw io_error("(block buffer)",
+                     "cannot allocate " + std::to_string(bytes) +
+                         " bytes for an offloaded block: " + std::strerror(errno));
+    data_ = static_cast<std::byte*>(p);
+    size_ = bytes;
+    // Huge pages where the system allows them (fewer faults to make it, fewer TLB misses for
+    // the kernels reading it), then every page made now rather than on the first read.
+#if defined(MADV_HUGEPAGE)
+    ::madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+#if defined(MADV_POPULATE_WRITE)
+    if (::madvise(p, bytes, MADV_POPULATE_WRITE) == 0) return;
+#endif
+    const std::size_t page = storage::detail::page_size();
+    for (std::size_t off = 0; off < bytes; off += page) data_[off] = std::byte{0};
+  }
+  read_buffer(const read_buffer&) = delete;
+  read_buffer& operator=(const read_buffer&) = delete;
+  read_buffer(read_buffer&& o) noexcept
+      : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
+  read_buffer& operator=(read_buffer&& o) noexcept {
+    if (this != &o) {
+      reset();
+      data_ = std::exchange(o.data_, nullptr);
+      size_ = std::exchange(o.size_, 0);
+    }
+    return *this;
+  }
+  ~read_buffer() { reset(); }
+  std::byte* data() const noexcept { return data_; }
+  std::size_t size() const noexcept { return size_; }
+
+ private:
+  void reset() noexcept {
+    if (data_) ::munmap(data_, size_);
+    data_ = nullptr;
+    size_ = 0;
+  }
+  std::byte* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+/// Whether every page of [offset, offset + length) of the open file is in the page cache
+/// (Linux cachestat, 6.5+); false when it cannot tell.
+inline bool range_cached(int fd, std::uint64_t offset, std::uint64_t length) noexcept {
+#if defined(__linux__)
+  struct range_arg {
+    std::uint64_t off, len;
+  } range{offset, length};
+  struct stat_out {
+    std::uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+  } st{};
+  constexpr long sys_cachestat = 451;  // the same number on every Linux architecture
+  if (::syscall(sys_cachestat, fd, &range, &st, 0) != 0) return false;
+  const std::uint64_t page = storage::detail::page_size();
+  return st.nr_cache >= (length + page - 1) / page;
+#else
+  (void)fd, (void)offset, (void)length;
+  return false;
+#endif
+}
+
+/// The automatic direct_io rule: O_DIRECT pays when the file-backed blocks exceed half of the
+/// RAM available now (the page cache could not keep them between forwards). Unknown RAM: no.
+inline bool direct_io_pays(std::uint64_t file_bytes) {
+  const auto avail = available_host_memory();
+  return avail && *avail > 0 && file_bytes > static_cast<std::uint64_t>(*avail) / 2;
+}
+
+/// Reads [offset, offset + length) of `path` into `dst` (length and offset multiples of
+/// read_align, dst aligned to it): with O_DIRECT unless the range is already in the page cache
+/// or the file system refuses it, then buffered. Stops at the end of the file; io_error when
+/// the file holds fewer than `needed` bytes from offset, or on a read error.
+inline void read_piece(const std::filesystem::path& path, std::uint64_t offset,
+                       std::uint64_t length, std::uint64_t needed, std::byte* dst,
+                       bool direct_io = true) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw io_error(path.string(), std::string("cannot open: ") + std::strerror(errno));
+  int direct = -1;
+  (void)direct_io;
+#if defined(O_DIRECT)
+  if (direct_io && !range_cached(fd, offset, length))
+    direct = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
+#endif
+  std::uint64_t done = 0;
+  int err = 0;
+  while (done < length) {
+    const bool use_direct = direct >= 0 && done % read_align == 0;
+    const ssize_t n =
+        ::pread(use_direct ? direct : fd, dst + done, static_cast<std::size_t>(length - done),
+                static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (use_direct && errno == EINVAL) {  // refused at read time: buffered from here on
+        ::close(direct);
+        direct = -1;
+        continue;
+      }
+      err = errno;
+      break;
+    }
+    if (n == 0) break;  // end of file
+    done += static_cast<std::uint64_t>(n);
+  }
+  if (direct >= 0) ::close(direct);
+  ::close(fd);
+  if (err != 0)
+    throw io_error(path.string(), "cannot read " + std::to_string(length) + " bytes at offset " +
+                                      std::to_string(offset) + ": " + std::strerror(err));
+  if (done < needed)
+    throw io_error(path.string(), "file ends " + std::to_string(offset + done) +
+                                      " bytes in; an offloaded block needs bytes up to " +
+                                      std::to_string(offset + needed));
+}
 }  // namespace detail
 
 /// Brings a ring of blocks (each a list of file regions) in ahead of use, bounded.
-/// acquire(u) before block u computes, release(u) after. Blocks with no file regions are
-/// resident and cost nothing. Thread-safe for one consumer.
+/// acquire(u) before block u computes, release(u) after; while u is acquired, data(u, p) says
+/// where the byte a region's mapping has at p is to be read (in u's buffer when the block was
+/// read into one, else p itself). Blocks with no file regions are resident and cost nothing.
+/// Thread-safe for one consumer.
 class block_prefetcher {
  public:
   block_prefetcher(std::vector<std::vector<const storage::file_region*>> blocks,
@@ -220,24 +441,60 @@ class block_prefetcher {
       throw invalid_config("offload_options::blocks_in_flight must be at least 1");
     for (std::size_t i = 0; i < blocks_.size(); ++i)
       if (!blocks_[i].empty()) file_blocks_.push_back(i);
-    if (opts_.background_reader && !file_blocks_.empty()) reader_ = std::thread([this] { run(); });
+    if (!opts_.background_reader || file_blocks_.empty()) return;
+    if (!opts_.read_into_buffers) {
+      readers_.emplace_back([this] { run(); });
+      return;
+    }
+    if (opts_.reader_threads == 0)
+      throw invalid_config(
+          "offload_options::reader_threads must be at least 1 with "
+          "read_into_buffers");
+    if (opts_.read_chunk_bytes < detail::read_align)
+      throw invalid_config("offload_options::read_chunk_bytes must be at least " +
+                           std::to_string(detail::read_align));
+    buffered_ = true;
+    chunk_ = opts_.read_chunk_bytes / detail::read_align * detail::read_align;
+    layouts_.resize(blocks_.size());
+    std::vector<std::size_t> sizes;
+    for (std::size_t b : file_blocks_) {
+      layouts_[b] = detail::plan_block_reads(blocks_[b]);
+      sizes.push_back(layouts_[b].bytes);
+    }
+    // One buffer per block in flight, sized to the largest blocks: any blocks_in_flight blocks
+    // fit (the memory the mapped pages of those blocks would take), made once, reused.
+    std::uint64_t file_bytes = 0;
+    for (std::size_t sz : sizes) file_bytes += sz;
+    direct_io_ = opts_.direct_io.value_or(detail::direct_io_pays(file_bytes));
+    std::sort(sizes.begin(), sizes.end(), std::greater<>());
+    sizes.resize(std::min(sizes.size(), opts_.blocks_in_flight));
+    for (std::size_t s : sizes) slots_.emplace_back(s);
+    slot_free_.assign(slots_.size(), true);
+    slot_of_.assign(blocks_.size(), no_slot);
+    pending_.assign(blocks_.size(), 0);
+    errors_.resize(blocks_.size());
+    try {
+      for (std::size_t t = 0; t < opts_.reader_threads; ++t)
+        readers_.emplace_back([this] { read_loop(); });
+    } catch (...) {
+      stop_readers();
+      throw;
+    }
   }
   block_prefetcher(const block_prefetcher&) = delete;
   block_prefetcher& operator=(const block_prefetcher&) = delete;
-  ~block_prefetcher() {
-    {
-      std::lock_guard lock(m_);
-      stop_ = true;
-    }
-    cv_.notify_all();
-    if (reader_.joinable()) reader_.join();
-  }
+  ~block_prefetcher() { stop_readers(); }
 
   std::size_t size() const noexcept { return blocks_.size(); }
   bool file_backed(std::size_t u) const { return !blocks_.at(u).empty(); }
+  /// Whether blocks are read into buffers (else served from the file mappings).
+  bool reads_into_buffers() const noexcept { return buffered_; }
+  /// Whether uncached bytes are read with O_DIRECT (offload_options::direct_io, resolved).
+  bool direct_io() const noexcept { return buffered_ && direct_io_; }
 
   /// Block u is about to compute: make sure it and the next file-backed blocks (up to
-  /// blocks_in_flight in all) are requested, then wait until u's pages are in.
+  /// blocks_in_flight in all) are requested, then wait until u's bytes are in. io_error when
+  /// reading u failed (u is then released; a later acquire reads it again).
   void acquire(std::size_t u) {
     check(u);
     std::unique_lock lock(m_);
@@ -256,20 +513,43 @@ class block_prefetcher {
       ++stats_.waits;
       cv_done_.wait(lock, [&] { return state_[u] == state::ready; });
     }
+    if (buffered_ && errors_[u]) {
+      const auto e = std::exchange(errors_[u], nullptr);
+      free_block(u);
+      std::rethrow_exception(e);
+    }
   }
 
-  /// Block u is done: its pages leave the resident set and its slot is free.
+  /// Block u is done: its pages leave the resident set (or its buffer is free again) and its
+  /// slot is free.
   void release(std::size_t u) {
     check(u);
     std::unique_lock lock(m_);
     if (blocks_[u].empty() || state_[u] == state::idle) return;
     // A block still being read is released after the reader is done with it.
     cv_done_.wait(lock, [&] { return state_[u] != state::requested; });
-    if (opts_.release_after_use)
+    if (buffered_) errors_[u] = nullptr;
+    if (opts_.release_after_use && !buffered_)
       for (const auto* r : blocks_[u]) r->release_pages();
-    state_[u] = state::idle;
-    --in_flight_;
+    free_block(u);
     ++stats_.releases;
+  }
+
+  /// Where to read the byte that block u's region mappings hold at `p`, while u is acquired:
+  /// in u's buffer when it was read into one, else `p` itself (the mapping stays valid, so a
+  /// pointer outside u's regions, or a block not read into a buffer, is served from there).
+  const std::byte* data(std::size_t u, const std::byte* p) const {
+    check(u);
+    std::lock_guard lock(m_);
+    if (!buffered_ || !p || state_[u] != state::ready || slot_of_[u] == no_slot) return p;
+    const auto at = reinterpret_cast<std::uintptr_t>(p);
+    for (std::size_t i = 0; i < blocks_[u].size(); ++i) {
+      const auto* r = blocks_[u][i];
+      const auto lo = reinterpret_cast<std::uintptr_t>(r->data());
+      if (r->size() == 0 || at < lo || at - lo >= r->size()) continue;
+      return slots_[slot_of_[u]].data() + layouts_[u].region_offset[i] + (at - lo);
+    }
+    return p;
   }
 
   /// Blocks requested and not released now.
@@ -285,19 +565,81 @@ class block_prefetcher {
 
  private:
   enum class state : std::uint8_t { idle, requested, ready };
+  static constexpr std::size_t no_slot = static_cast<std::size_t>(-1);
+  /// A piece of one read of a block, for one reader thread.
+  struct read_job {
+    std::size_t block = 0, read = 0;
+    std::uint64_t offset = 0, length = 0, needed = 0;  // within the read
+  };
 
   void check(std::size_t u) const {
     if (u >= blocks_.size())
       throw invalid_size("block_prefetcher: block " + std::to_string(u) + " of " +
                          std::to_string(blocks_.size()));
   }
+  void stop_readers() noexcept {
+    {
+      std::lock_guard lock(m_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : readers_)
+      if (t.joinable()) t.join();
+  }
+  void free_block(std::size_t u) {
+    if (buffered_ && slot_of_[u] != no_slot) {
+      slot_free_[slot_of_[u]] = true;
+      slot_of_[u] = no_slot;
+    }
+    state_[u] = state::idle;
+    --in_flight_;
+  }
+  /// The free buffer that fits `bytes` best; a free one is regrown (or one more made) when
+  /// none fits, which only a consumer holding more than blocks_in_flight blocks can cause.
+  std::size_t take_slot(std::size_t bytes) {
+    std::size_t best = no_slot, largest = no_slot;
+    for (std::size_t s = 0; s < slots_.size(); ++s) {
+      if (!slot_free_[s]) continue;
+      if (slots_[s].size() >= bytes && (best == no_slot || slots_[s].size() < slots_[best].size()))
+        best = s;
+      if (largest == no_slot || slots_[s].size() > slots_[largest].size()) largest = s;
+    }
+    if (best == no_slot) {
+      if (largest == no_slot) {
+        largest = slots_.size();
+        slots_.emplace_back();
+        slot_free_.push_back(true);
+      }
+      slots_[largest] = detail::read_buffer(bytes);
+      best = largest;
+    }
+    slot_free_[best] = false;
+    return best;
+  }
   void request(std::size_t b, std::unique_lock<std::mutex>& lock) {
+    if (buffered_) slot_of_[b] = take_slot(layouts_[b].bytes);  // may throw: b stays idle
     state_[b] = state::requested;
     ++in_flight_;
     ++stats_.requests;
     stats_.max_in_flight = std::max(stats_.max_in_flight, in_flight_);
     for (const auto* r : blocks_[b]) stats_.bytes_requested += r->size();
-    if (reader_.joinable()) {
+    if (buffered_) {
+      // Pieces of read_chunk_bytes, in file order: the reader threads each take the next one,
+      // so the disk has a piece queued while another completes.
+      std::size_t jobs = 0;
+      const auto& reads = layouts_[b].reads;
+      for (std::size_t i = 0; i < reads.size(); ++i)
+        for (std::uint64_t off = 0; off < reads[i].length; off += chunk_) {
+          const std::uint64_t len = std::min<std::uint64_t>(chunk_, reads[i].length - off);
+          const std::uint64_t need =
+              reads[i].needed > off ? std::min(len, reads[i].needed - off) : 0;
+          jobs_.push_back(read_job{b, i, off, len, need});
+          ++jobs;
+        }
+      pending_[b] = jobs;
+      if (jobs == 0) state_[b] = state::ready;
+      cv_.notify_all();
+    } else if (!readers_.empty()) {
       queue_.push_back(b);
       cv_.notify_one();
     } else {
@@ -308,6 +650,34 @@ class block_prefetcher {
       state_[b] = state::ready;
     }
   }
+  /// A reader thread of read_into_buffers: one piece at a time, straight into the block's
+  /// buffer; the block is ready when its last piece is in (or failed: acquire rethrows).
+  void read_loop() {
+    std::unique_lock lock(m_);
+    while (true) {
+      cv_.wait(lock, [&] { return stop_ || !jobs_.empty(); });
+      if (stop_) return;
+      const read_job j = jobs_.front();
+      jobs_.pop_front();
+      const auto& rd = layouts_[j.block].reads[j.read];
+      std::byte* dst = slots_[slot_of_[j.block]].data() + rd.buffer_offset + j.offset;
+      const bool skip = errors_[j.block] != nullptr;  // the block already failed
+      lock.unlock();
+      std::exception_ptr err;
+      if (!skip) try {
+          detail::read_piece(rd.path, rd.offset + j.offset, j.length, j.needed, dst, direct_io_);
+        } catch (...) {
+          err = std::current_exception();
+        }
+      lock.lock();
+      if (err && !errors_[j.block]) errors_[j.block] = err;
+      if (--pending_[j.block] == 0) {
+        state_[j.block] = state::ready;
+        cv_done_.notify_all();
+      }
+    }
+  }
+  /// The mapped reader (read_into_buffers false).
   void run() {
     std::unique_lock lock(m_);
     while (true) {
@@ -345,11 +715,21 @@ class block_prefetcher {
   std::condition_variable cv_, cv_done_;
   std::deque<std::size_t> queue_;
   std::vector<state> state_;
-  std::vector<bool> advised_;  // readahead asked for, block not mapped yet (reader only)
+  std::vector<bool> advised_;  // readahead asked for, block not mapped yet (mapped reader only)
   std::size_t in_flight_ = 0;
   prefetch_stats stats_;
   bool stop_ = false;
-  std::thread reader_;
+  // read_into_buffers: per block its reads, buffer and outstanding pieces; the buffers.
+  bool buffered_ = false;
+  bool direct_io_ = false;  // opts_.direct_io, resolved
+  std::uint64_t chunk_ = 0;
+  std::vector<detail::block_layout> layouts_;
+  std::vector<detail::read_buffer> slots_;
+  std::vector<bool> slot_free_;
+  std::vector<std::size_t> slot_of_, pending_;
+  std::vector<std::exception_ptr> errors_;
+  std::deque<read_job> jobs_;
+  std::vector<std::thread> readers_;  // joined (stop_readers) before any member goes
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -394,16 +774,24 @@ class offloaded_llama_weights final : public exec::llama_weights_source {
         throw device_map_error(
             "offloaded_llama_weights: the device map puts `" + (k.empty() ? std::string("") : k) +
             "` on " + dev.to_string() +
-            "; the CPU forward runs blocks whose execution device is the CPU (GPU blocks run "
-            "through the CUDA forward in exec/cuda)");
+            "; the CPU forward runs blocks whose execution device is the CPU (a map with a GPU "
+            "runs on the CUDA forward: dispatched_llama_device_weights in "
+            "dispatch/cuda/device_llama_weights.cuh, or from_pretrained compiled by nvcc)");
+    bool transformed = false;
     inner_ = std::make_unique<exec::named_llama_weights>(
         d, [&](std::string_view name) -> std::optional<exec::weight_ref> {
           if (!w.weights().contains(name)) return std::nullopt;
           auto ref = detail::ref_of(w.view(name));
           if (transform)
-            if (auto t = transform(name, ref)) return t;
+            if (auto t = transform(name, ref)) {
+              transformed = true;
+              return t;
+            }
           return ref;
         });
+    // A replaced ref (a quantized layout) reads the stored bytes through its own pointers
+    // into the mappings: such a model's blocks are served from the mappings, not buffers.
+    if (transformed) o.read_into_buffers = false;
     // Blocks: the file regions each one reads (a tie group's region once).
     const auto nl = static_cast<std::size_t>(d.num_layers);
     std::vector<std::vector<const storage::file_region*>> blocks(nl + 1);
@@ -442,16 +830,21 @@ class offloaded_llama_weights final : public exec::llama_weights_source {
         !shares_head(embed_region_))
       embed_region_->release_pages();  // only the prompt's rows were read
     prefetch_->acquire(u);
-    return inner_->layer(i);
+    auto l = inner_->layer(i);
+    for (auto* r : {&l.input_layernorm, &l.post_attention_layernorm, &l.q_proj, &l.k_proj,
+                    &l.v_proj, &l.o_proj, &l.q_bias, &l.k_bias, &l.v_bias, &l.o_bias, &l.gate_proj,
+                    &l.up_proj, &l.down_proj, &l.gate_bias, &l.up_bias, &l.down_bias})
+      in_block(u, *r);
+    return l;
   }
   void release_layer(std::int64_t i) override { prefetch_->release(block_index(i)); }
   exec::weight_ref final_norm() override {
     acquire_head();
-    return inner_->final_norm();
+    return in_block(head_block(), inner_->final_norm());
   }
   exec::weight_ref lm_head() override {
     acquire_head();
-    return inner_->lm_head();
+    return in_block(head_block(), inner_->lm_head());
   }
 
   const block_prefetcher& prefetcher() const noexcept { return *prefetch_; }
@@ -464,6 +857,15 @@ class offloaded_llama_weights final : public exec::llama_weights_source {
       throw invalid_size("offloaded_llama_weights: layer " + std::to_string(i) + " of " +
                          std::to_string(dims_.num_layers));
     return static_cast<std::size_t>(i);
+  }
+  /// The ref as block u serves it now (its bytes in u's buffer when u was read into one).
+  exec::weight_ref& in_block(std::size_t u, exec::weight_ref& r) const {
+    if (r.decode == nullptr) r.data = prefetch_->data(u, r.data);
+    return r;
+  }
+  exec::weight_ref in_block(std::size_t u, exec::weight_ref&& r) const {
+    in_block(u, r);
+    return std::move(r);
   }
   void acquire_head() {
     if (head_acquired_) return;
