@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <cstddef>
+#include <cstdint>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -110,6 +111,71 @@ class derived_cache {
   std::vector<std::pair<const void*, std::shared_ptr<void>>> entries_;
 };
 
+/// What planning reads from a tree, kept flat as the tree is built (module_tree::layout), so a
+/// first plan reads a few arrays instead of every module_node and tensor_entry.
+struct tree_layout {
+  struct module {
+    std::uint32_t parent;        ///< ~0 for the root
+    std::uint32_t first_tensor;  ///< its first tensor in `tensors`
+    std::uint32_t first_buffer;  ///< its first buffer in `tensors`
+    /// The length of its class name (a class test reads the node only on a match); ~0 when it
+    /// does not fit, meaning "read the node".
+    std::uint32_t class_size;
+  };
+  struct tensor {
+    std::int64_t numel;
+    stowage::dtype dtype;
+    bool buffer;
+  };
+  std::vector<module> modules;  ///< by module index
+  /// Module by module in index order, each module's parameters then its buffers (the order of
+  /// tree_index's tensor items).
+  std::vector<tensor> tensors;
+  /// False once a tensor was added out of that order (to a module other than the newest, or a
+  /// parameter after a buffer) or its element count overflows: readers then use the nodes.
+  bool usable = true;
+
+  // Both adders keep the layout whole or drop it (usable = false): it is only a shortcut.
+  void add_module(std::size_t parent_index, std::size_t class_name_size) noexcept {
+    if (!usable) return;
+    constexpr std::uint32_t none = ~std::uint32_t{0};
+    const auto k = static_cast<std::uint32_t>(tensors.size());
+    try {
+      modules.push_back(
+          {parent_index == std::numeric_limits<std::size_t>::max()
+               ? none
+               : static_cast<std::uint32_t>(parent_index),
+           k, k, class_name_size < none ? static_cast<std::uint32_t>(class_name_size) : none});
+    } catch (...) {
+      clear();
+    }
+  }
+  void add_tensor(std::size_t node, const tensor_entry& t, bool is_buffer,
+                  bool node_had_buffers) noexcept {
+    if (!usable) return;
+    std::int64_t numel = 1;
+    bool overflow = false;
+    for (std::int64_t d : t.shape) overflow = overflow || __builtin_mul_overflow(numel, d, &numel);
+    if (overflow || node + 1 != modules.size() || (!is_buffer && node_had_buffers) ||
+        tensors.size() >= std::numeric_limits<std::uint32_t>::max()) {
+      clear();
+      return;
+    }
+    try {
+      tensors.push_back({numel, t.dtype, is_buffer});
+    } catch (...) {
+      clear();
+      return;
+    }
+    if (!is_buffer) modules.back().first_buffer = static_cast<std::uint32_t>(tensors.size());
+  }
+  void clear() noexcept {
+    usable = false;
+    modules = {};
+    tensors = {};
+  }
+};
+
 }  // namespace detail
 
 /// The runtime module tree. Node 0 is the root; a child is added after its parent, and every
@@ -123,6 +189,7 @@ class module_tree {
     root.class_name = std::move(root_class);
     nodes_.push_back(std::move(root));
     index_.emplace("", 0);
+    layout_.add_module(npos, nodes_.front().class_name.size());
   }
 
   // ---- building ---------------------------------------------------------------------------
@@ -142,6 +209,7 @@ class module_tree {
     const std::size_t idx = nodes_.size();
     nodes_[parent].children.push_back(idx);
     nodes_.push_back(std::move(n));
+    layout_.add_module(parent, nodes_.back().class_name.size());
     return idx;
   }
 
@@ -260,6 +328,10 @@ class module_tree {
     return cache_.template get<T>(std::forward<Make>(make));
   }
 
+  /// The flat layout kept as the tree was built (parents, tensor ranges, element counts and
+  /// dtypes), or nullptr when tensors were added out of module order (then read the nodes).
+  const detail::tree_layout* layout() const noexcept { return layout_.usable ? &layout_ : nullptr; }
+
  private:
   void check_node(std::size_t i, const char* what) const {
     if (i >= nodes_.size())
@@ -287,12 +359,16 @@ class module_tree {
                           "` names both a module and a tensor");
     if (!buffer) t.persistent = true;
     cache_.clear();
-    (buffer ? n.buffers : n.parameters).push_back(std::move(t));
+    const bool had_buffers = !n.buffers.empty();
+    auto& list = buffer ? n.buffers : n.parameters;
+    list.push_back(std::move(t));
+    layout_.add_tensor(node, list.back(), buffer, had_buffers);
   }
 
   std::vector<module_node> nodes_;
   std::unordered_map<std::string, std::size_t> index_;
   std::vector<std::vector<std::string>> tied_;
+  detail::tree_layout layout_;
   mutable detail::derived_cache cache_;
 };
 

@@ -136,55 +136,80 @@ class tree_index {
   using id = std::uint32_t;
   static constexpr id none = ~id{0};
 
-  explicit tree_index(const module_tree& t) : tree_(&t), n_(t.size()) {
-    // One pass over the nodes: parents, tensor numbering, and (for a tree whose nodes were
-    // added in pre-order, as to_module_tree and the JSON reader add them) pre-order positions
-    // and subtree ends from a stack of the current path.
+  explicit tree_index(const module_tree& t) : tree_(&t), layout_(t.layout()), n_(t.size()) {
+    // Parents and tensor numbering: copied from the tree's flat layout when it has one, else one
+    // pass over the nodes. Then (for a tree whose nodes were added in pre-order, as to_module_tree
+    // and the JSON reader add them) pre-order positions and subtree ends from a stack of the
+    // current path, reading only the parents.
     const auto& nodes = t.nodes();
-    parent_.resize(n_);
-    tbeg_.resize(n_ + 1);
-    tmid_.resize(n_);
-    pre_.resize(n_);
-    end_.resize(n_);
     std::size_t next = 0;
-    bool in_preorder = true;
-    std::vector<id> path;
-    for (std::size_t i = 0; i < n_; ++i) {
-      const auto& nd = nodes[i];
-      parent_[i] = nd.parent == module_tree::npos ? none : static_cast<id>(nd.parent);
-      tbeg_[i] = static_cast<id>(std::min<std::size_t>(next, none));
-      tmid_[i] = static_cast<id>(std::min<std::size_t>(next + nd.parameters.size(), none));
-      next += nd.parameters.size() + nd.buffers.size();
-      if (!in_preorder) continue;
-      while (!path.empty() && path.back() != parent_[i]) {
-        end_[path.back()] = static_cast<id>(i);
-        path.pop_back();
+    if (layout_) {
+      parent_.resize(n_);
+      tbeg_.resize(n_ + 1);
+      tmid_.resize(n_);
+      const auto* mods = layout_->modules.data();
+      for (std::size_t i = 0; i < n_; ++i) {
+        parent_[i] = mods[i].parent;
+        tbeg_[i] = mods[i].first_tensor;
+        tmid_[i] = mods[i].first_buffer;
       }
-      if (i != 0 && path.empty()) in_preorder = false;
-      pre_[i] = static_cast<id>(i);
-      path.push_back(static_cast<id>(i));
+      next = layout_->tensors.size();
+      tbeg_[n_] = static_cast<id>(next);
+    } else {
+      parent_.resize(n_);
+      tbeg_.resize(n_ + 1);
+      tmid_.resize(n_);
+      for (std::size_t i = 0; i < n_; ++i) {
+        const auto& nd = nodes[i];
+        parent_[i] = nd.parent == module_tree::npos ? none : static_cast<id>(nd.parent);
+        tbeg_[i] = static_cast<id>(std::min<std::size_t>(next, none));
+        tmid_[i] = static_cast<id>(std::min<std::size_t>(next + nd.parameters.size(), none));
+        next += nd.parameters.size() + nd.buffers.size();
+      }
+      tbeg_[n_] = static_cast<id>(next);
     }
     if (n_ + next >= none)
       throw model_error("module tree: too many modules and tensors to plan (" +
                         std::to_string(n_ + next) + ")");
-    tbeg_[n_] = static_cast<id>(next);
-    if (in_preorder) {
-      for (id i : path) end_[i] = static_cast<id>(n_);
-      order_.resize(n_);
-      for (std::size_t i = 0; i < n_; ++i) order_[i] = static_cast<id>(i);
-    } else {
+    end_.resize(n_);
+    bool in_preorder = true;
+    {
+      std::vector<id> path;
+      path.reserve(16);
+      for (std::size_t i = 0; i < n_ && in_preorder; ++i) {
+        while (!path.empty() && path.back() != parent_[i]) {
+          end_[path.back()] = static_cast<id>(i);
+          path.pop_back();
+        }
+        if (i != 0 && path.empty()) in_preorder = false;
+        path.push_back(static_cast<id>(i));
+      }
+      if (in_preorder)
+        for (id i : path) end_[i] = static_cast<id>(n_);
+    }
+    identity_ = in_preorder;
+    if (!in_preorder) {
       order_.clear();
       for (std::size_t i : t.preorder()) order_.push_back(static_cast<id>(i));
+      pre_.resize(n_);
       for (std::size_t k = 0; k < n_; ++k) pre_[order_[k]] = static_cast<id>(k);
       std::vector<id> span(n_, 1);
       for (std::size_t k = n_; k-- > 1;) span[parent_[order_[k]]] += span[order_[k]];
       for (std::size_t i = 0; i < n_; ++i) end_[i] = pre_[i] + span[i];
+    } else {
+      order_.resize(n_);
+      for (std::size_t i = 0; i < n_; ++i) order_[i] = static_cast<id>(i);
+      pre_ = order_;
     }
     owner_.resize(next);
     for (std::size_t i = 0; i < n_; ++i)
       std::fill(owner_.begin() + tbeg_[i], owner_.begin() + tbeg_[i + 1], static_cast<id>(i));
   }
 
+  /// The nodes are in pre-order: position(m) == m and a subtree is the range [m, subtree_end(m)).
+  bool preorder_is_identity() const noexcept { return identity_; }
+  /// The tree's flat layout (module_tree::layout), or nullptr.
+  const detail::tree_layout* layout() const noexcept { return layout_; }
   const module_tree& tree() const noexcept { return *tree_; }
   std::size_t modules() const noexcept { return n_; }
   std::size_t tensors() const noexcept { return owner_.size(); }
@@ -201,7 +226,7 @@ class tree_index {
   /// One past m's direct buffers.
   id tensors_end(id m) const noexcept { return static_cast<id>(n_ + tbeg_[m + 1]); }
   /// Module m has child modules.
-  bool has_children(id m) const noexcept { return end_[m] != pre_[m] + 1; }
+  bool has_children(id m) const noexcept { return end_[m] != position(m) + 1; }
   bool is_buffer(id x) const noexcept { return x >= n_ && x >= first_buffer(owner_[x - n_]); }
   const tensor_entry& tensor(id x) const {
     const id m = owner_[x - n_];
@@ -210,6 +235,10 @@ class tree_index {
     return k < nd.parameters.size() ? nd.parameters[k] : nd.buffers[k - nd.parameters.size()];
   }
 
+  /// Per module: its parent (none for the root).
+  const std::vector<id>& parents() const noexcept { return parent_; }
+  /// Per tensor (item - modules()): the module owning it.
+  const std::vector<id>& tensor_owners() const noexcept { return owner_; }
   /// The parent module, or none for the root.
   id parent(id m) const noexcept { return parent_[m]; }
   /// Pre-order position of module m.
@@ -217,7 +246,10 @@ class tree_index {
   /// One past the pre-order position of the last module of m's subtree.
   id subtree_end(id m) const noexcept { return end_[m]; }
   /// Module b lies in module a's subtree (a included).
-  bool in_subtree(id a, id b) const noexcept { return pre_[a] <= pre_[b] && pre_[b] < end_[a]; }
+  bool in_subtree(id a, id b) const noexcept {
+    const id pb = position(b);
+    return position(a) <= pb && pb < end_[a];
+  }
   /// `x` is `a` or lies below it (a's dotted name covers x's).
   bool covers(id a, id x) const noexcept {
     if (a == x) return true;
@@ -243,7 +275,9 @@ class tree_index {
 
  private:
   const module_tree* tree_;
+  const detail::tree_layout* layout_;
   std::size_t n_;
+  bool identity_ = true;  // nodes are in pre-order: positions are the indices
   std::vector<id> order_, pre_, end_, parent_, tbeg_, tmid_, owner_;
 };
 
@@ -285,6 +319,45 @@ inline std::vector<char> tied_aliases(const tree_index& ix) {
 
 }  // namespace detail
 
+namespace detail {
+
+/// Module totals bottom-up over the pre-order (each module's own tensors already in r), with
+/// accelerate's get_balanced_memory leaves.
+inline void sum_item_sizes_up(const tree_index& ix, item_sizes& r) {
+  using id = tree_index::id;
+  const std::size_t n = ix.modules();
+  // Raw pointers in locals: the char stores would otherwise make every vector reload.
+  const id* order = ix.preorder().data();
+  const id* parent = ix.parents().data();
+  byte_size* size = r.size.data();
+  byte_size* buffers = r.buffers.data();
+  char* counted = r.counted.data();
+  std::vector<char> child_counted_v(n, 0);
+  char* child_counted = child_counted_v.data();
+  byte_size leaf_sum = r.leaf_sum;
+  std::int64_t leaf_count = r.leaf_count;
+  for (std::size_t k = n; k-- > 1;) {
+    const id i = order[k];
+    // accelerate's leaves after removing tensor names: modules with an entry and no child
+    // module with one.
+    if (counted[i] && !child_counted[i]) {
+      leaf_sum += size[i];
+      ++leaf_count;
+    }
+    const id p = parent[i];
+    size[p] += size[i];
+    buffers[p] += buffers[i];
+    if (counted[i]) {
+      counted[p] = 1;
+      child_counted[p] = 1;
+    }
+  }
+  r.leaf_sum = leaf_sum;
+  r.leaf_count = leaf_count;
+}
+
+}  // namespace detail
+
 /// Sizes of every item in one pass: each tensor's size under `rule` (tied aliases 0, buffers
 /// only with `buffers_only`; an `exact` entry wins over everything), then module totals
 /// bottom-up over the pre-order.
@@ -316,23 +389,71 @@ inline item_sizes compute_item_sizes(const tree_index& ix,
     for (const auto& [name, b] : exact)
       if (auto x = ix.find(name); x && !ix.is_module(*x) && !fixed[*x - n]) fixed[*x - n] = b;
   }
+  const auto& nodes = ix.tree().nodes();
+  // With the tree's flat layout, element counts and dtypes come from one array and no node is
+  // read (a node is read only for a special dtype).
+  const detail::tree_layout* lay = ix.layout();
+  if (lay && alias.empty() && sp.empty() && fixed.empty() && !buffers_only) {
+    // The common case (no ties, special dtypes or exact sizes): every tensor counts, sized from
+    // the layout alone; each module's own total summed in registers.
+    const auto& ts = lay->tensors;
+    byte_size* size = r.size.data();
+    char* counted = r.counted.data();
+    std::size_t cached_key = ~std::size_t{0};
+    std::int64_t slot = 0;
+    bool slot_float = false;
+    // Tensor by tensor (no branch per module): each size, added to its owner's own total. Raw
+    // pointers held in locals: the char stores would otherwise make every vector reload.
+    const id* owner = ix.tensor_owners().data();
+    byte_size* buffers = r.buffers.data();
+    bool any_buffers = false;
+    const std::size_t nt = ts.size();
+    for (std::size_t k = 0; k < nt; ++k) {
+      const auto& e = ts[k];
+      const std::size_t key = (e.buffer ? 256u : 0u) + static_cast<std::size_t>(e.dtype);
+      if (key != cached_key) {
+        const tensor_entry unit{"", shape{1}, e.dtype, true};
+        slot = detail::rule_tensor_size(unit, e.buffer, target, std::nullopt, rule).eighths();
+        slot_float = slot % 8 != 0;
+        cached_key = key;
+      }
+      const byte_size b = byte_size::from_eighths(e.numel * slot, slot_float);
+      const id m = owner[k];
+      size[n + k] = b;
+      counted[n + k] = 1;
+      size[m] += b;
+      if (e.buffer) {
+        buffers[m] += b;
+        any_buffers = true;
+      }
+    }
+    r.any_buffers = any_buffers;
+    const auto* mods = lay->modules.data();
+    byte_size biggest{};
+    for (std::size_t i = 0; i < n; ++i) {
+      const bool owns = mods[i].first_tensor != (i + 1 < n ? mods[i + 1].first_tensor : nt);
+      counted[i] = owns;
+      if (i != 0 && owns && size[i] > biggest) biggest = size[i];
+    }
+    r.biggest_direct = biggest;
+    detail::sum_item_sizes_up(ix, r);
+    return r;
+  }
   std::array<std::array<std::int64_t, 256>, 2> per_element;  // [is buffer][dtype]
   for (auto& a : per_element) a.fill(-1);
   // One pass over the modules: each one's own tensors (its direct size is Transformers' leaf
   // size); then module totals bottom-up over the pre-order.
-  const auto& nodes = ix.tree().nodes();
   for (std::size_t i = 0; i < n; ++i) {
     const id m = static_cast<id>(i);
-    const auto& nd = nodes[i];
     const id fp = ix.first_parameter(m);
-    const id fb = static_cast<id>(fp + nd.parameters.size());
-    const id te = static_cast<id>(fb + nd.buffers.size());
+    const id fb = ix.first_buffer(m);
+    const id te = ix.tensors_end(m);
+    const module_node* nd = lay ? nullptr : &nodes[i];
     byte_size direct{};
     bool owns = false;
     for (id x = buffers_only ? fb : fp; x < te; ++x) {
       const bool buf = x >= fb;
       if (!buf && !alias.empty() && alias[x - n]) continue;
-      const auto& t = buf ? nd.buffers[x - fb] : nd.parameters[x - fp];
       byte_size b;
       bool special_hit = false;
       if (!fixed.empty() && fixed[x - n]) {
@@ -341,19 +462,28 @@ inline item_sizes compute_item_sizes(const tree_index& ix,
       }
       for (auto e = sp.begin(); !special_hit && e != sp.end(); ++e)
         if (e->first == x) {
-          b = detail::rule_tensor_size(t, buf, target, e->second, rule);
+          b = detail::rule_tensor_size(ix.tensor(x), buf, target, e->second, rule);
           special_hit = true;
         }
       if (!special_hit) {
+        std::int64_t numel = 1;
+        dtype dt;
+        if (lay) {
+          const auto& ft = lay->tensors[x - n];
+          numel = ft.numel;
+          dt = ft.dtype;
+        } else {
+          const auto& t = buf ? nd->buffers[x - fb] : nd->parameters[x - fp];
+          dt = t.dtype;
+          for (std::int64_t dim : t.shape)
+            if (__builtin_mul_overflow(numel, dim, &numel)) (void)t.shape.numel();  // throws
+        }
         // Eighths per element of this dtype under the rule, looked up once per dtype.
-        auto& slot = per_element[buf][static_cast<std::size_t>(t.dtype)];
+        auto& slot = per_element[buf][static_cast<std::size_t>(dt)];
         if (slot < 0) {
-          const tensor_entry unit{"", shape{1}, t.dtype, true};
+          const tensor_entry unit{"", shape{1}, dt, true};
           slot = detail::rule_tensor_size(unit, buf, target, std::nullopt, rule).eighths();
         }
-        std::int64_t numel = 1;
-        for (std::int64_t dim : t.shape)
-          if (__builtin_mul_overflow(numel, dim, &numel)) (void)t.shape.numel();  // throws
         b = byte_size::from_eighths(numel * slot, slot % 8 != 0);
       }
       r.size[x] = b;
@@ -369,24 +499,7 @@ inline item_sizes compute_item_sizes(const tree_index& ix,
     r.counted[i] = owns;
     if (i != 0 && owns && direct > r.biggest_direct) r.biggest_direct = direct;
   }
-  const auto& order = ix.preorder();
-  std::vector<char> child_counted(n, 0);
-  for (std::size_t k = n; k-- > 1;) {
-    const id i = order[k];
-    // accelerate's leaves after removing tensor names: modules with an entry and no child
-    // module with one.
-    if (r.counted[i] && !child_counted[i]) {
-      r.leaf_sum += r.size[i];
-      ++r.leaf_count;
-    }
-    const id p = ix.parent(i);
-    r.size[p] += r.size[i];
-    r.buffers[p] += r.buffers[i];
-    if (r.counted[i]) {
-      r.counted[p] = 1;
-      child_counted[p] = 1;
-    }
-  }
+  detail::sum_item_sizes_up(ix, r);
   return r;
 }
 

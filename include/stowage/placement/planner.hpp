@@ -332,8 +332,15 @@ class plan_context {
     std::lock_guard<std::mutex> lock(sh.mutex);
     if (const auto* e = sh.splits.find(match)) return *e;
     split_info s{classes, std::vector<char>(sh.index.modules(), 0), {}};
+    const detail::tree_layout* lay = sh.index.layout();
     if (!classes.empty())
       for (id i : sh.index.preorder()) {
+        // With the layout, a node is read only when its class name has a no-split length.
+        if (lay && std::none_of(classes.begin(), classes.end(), [&](const std::string& c) {
+              const std::uint32_t k = lay->modules[i].class_size;
+              return k == ~std::uint32_t{0} || c.size() == k;
+            }))
+          continue;
         const auto& c = tree().nodes()[i].class_name;
         if (std::find(classes.begin(), classes.end(), c) != classes.end()) {
           s.flag[i] = 1;
