@@ -67,7 +67,7 @@ def main():
     ax.axvline(100.0, color="black", linewidth=0.8)
     for i, (_, v) in enumerate(bound[::-1]):
         ax.text(v + 1, i, f"{v:g}%", va="center")
-    ax.set_xlim(0, 110)
+    ax.set_xlim(0, max(110, max(v for _, v in bound) + 15))
     ax.set_xlabel("achieved rate / physical bound measured in the same run (%)")
     ax.set_title("How close to the hardware (2-vCPU VM, CPU only; GPU figures pending)")
     fig.tight_layout()
