@@ -10,9 +10,15 @@
 #include <stowage/precision/int8.hpp>
 #include <stowage/precision/nf4.hpp>
 
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace sp = stowage::precision;
@@ -53,6 +59,49 @@ const sp::quantized_int8& weight_int8() {
   static const auto q = sp::quantize_int8(weights().data(), dtype::float32, kN, kK);
   return q;
 }
+
+// Every kernel benchmark streams its operands from DRAM, as the bandwidth probes below do: a
+// 4096 x 4096 weight is 8-64 MiB, the size of this class of machine's L3, so a benchmark that
+// reused one buffer would read part of it from cache on every iteration and report more than the
+// memory can deliver. Each one instead allocates `rotation_copies` independent copies of its inputs
+// and outputs, together at least 4x the L3 (and no less than the read probe's 256 MiB, which also
+// covers a CPU whose cores see more than one L3 slice), and uses the next copy each iteration: by
+// the time a copy comes round again the others have evicted it. SetBytesProcessed still counts
+// the bytes of one copy per iteration, now bytes that really cross the memory bus.
+std::size_t l3_cache_bytes() {
+  static const std::size_t bytes = [] {
+    // sysfs first: glibc's sysconf reports the whole socket's L3 on some virtual machines (384
+    // MiB on a 32 MiB one here), which would only make the rotation needlessly large.
+    std::ifstream f("/sys/devices/system/cpu/cpu0/cache/index3/size");
+    std::size_t v = 0;
+    char unit = 0;
+    if (f >> v) {
+      if (f >> unit) v <<= unit == 'K' ? 10 : unit == 'M' ? 20 : unit == 'G' ? 30 : 0;
+      if (v > 0) return v;
+    }
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    if (const long s = sysconf(_SC_LEVEL3_CACHE_SIZE); s > 0) return static_cast<std::size_t>(s);
+#endif
+    return std::size_t{32} << 20;
+  }();
+  return bytes;
+}
+
+constexpr std::size_t kMiB = std::size_t{1} << 20;
+
+// How many copies of a working set of `bytes_per_copy` (inputs + outputs) to rotate through.
+std::size_t rotation_copies(std::size_t bytes_per_copy) {
+  const std::size_t target = std::max(4 * l3_cache_bytes(), 256 * kMiB);
+  const std::size_t cap = 1536 * kMiB;  // the machine is shared: bound what one benchmark holds
+  const std::size_t k = std::max<std::size_t>(2, (target + bytes_per_copy - 1) / bytes_per_copy);
+  return std::max<std::size_t>(1, std::min(k, cap / bytes_per_copy));
+}
+
+std::string rotation_label(std::size_t copies, std::size_t bytes_per_copy) {
+  return std::to_string(copies) + " x " + std::to_string(bytes_per_copy / kMiB) + " MiB rotated";
+}
+
+std::size_t next_copy(std::size_t i, std::size_t copies) { return i + 1 == copies ? 0 : i + 1; }
 
 // Memory read bandwidth: sum a buffer far larger than the caches, on the same threads the
 // kernels use (one contiguous share per chunk, as the kernels split their work), with AVX2 loads
@@ -121,15 +170,27 @@ BENCHMARK(BM_memcpy)->Unit(benchmark::kMillisecond)->UseRealTime();
 template <sp::quant_type Q>
 void BM_quantize_4bit(benchmark::State& st) {
   const bool bf16 = st.range(0) == 1;
-  const void* in = bf16 ? static_cast<const void*>(weights_bf16().data())
-                        : static_cast<const void*>(weights().data());
-  std::vector<std::uint8_t> packed(kN * kK / 2);
-  std::vector<float> absmax(kN * kK / 64);
-  for (auto _ : st)
+  const std::size_t in_bytes = kN * kK * (bf16 ? 2 : 4);
+  const std::size_t copies = rotation_copies(in_bytes + kN * kK / 2 + kN * kK / 64 * 4);
+  std::vector<std::vector<float>> in32;
+  std::vector<std::vector<std::uint16_t>> in16;
+  if (bf16)
+    in16.assign(copies, weights_bf16());
+  else
+    in32.assign(copies, weights());
+  std::vector<std::vector<std::uint8_t>> packed(copies, std::vector<std::uint8_t>(kN * kK / 2));
+  std::vector<std::vector<float>> absmax(copies, std::vector<float>(kN * kK / 64));
+  std::size_t i = 0;
+  for (auto _ : st) {
+    const void* in =
+        bf16 ? static_cast<const void*>(in16[i].data()) : static_cast<const void*>(in32[i].data());
     sp::quantize_4bit_raw(in, bf16 ? dtype::bfloat16 : dtype::float32, kN * kK, Q, 64,
-                          packed.data(), absmax.data());
-  st.SetBytesProcessed(static_cast<std::int64_t>(st.iterations() * kN * kK * (bf16 ? 2 : 4)));
-  st.SetLabel(bf16 ? "bf16 in" : "fp32 in");
+                          packed[i].data(), absmax[i].data());
+    i = next_copy(i, copies);
+  }
+  st.SetBytesProcessed(static_cast<std::int64_t>(st.iterations() * in_bytes));
+  st.SetLabel(std::string(bf16 ? "bf16 in, " : "fp32 in, ") +
+              rotation_label(copies, in_bytes + kN * kK / 2 + kN * kK / 64 * 4));
 }
 void BM_quantize_nf4(benchmark::State& st) { BM_quantize_4bit<sp::quant_type::nf4>(st); }
 void BM_quantize_fp4(benchmark::State& st) { BM_quantize_4bit<sp::quant_type::fp4>(st); }
@@ -140,12 +201,19 @@ BENCHMARK(BM_quantize_fp4)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRe
 template <sp::quant_type Q>
 void BM_dequantize_4bit(benchmark::State& st) {
   const dtype out_type = st.range(0) == 0 ? dtype::float32 : dtype::bfloat16;
-  std::vector<std::uint8_t> out(kN * kK * stowage::element_size(out_type));
-  const auto& q = weight_4bit(Q);
-  for (auto _ : st) sp::dequantize_4bit(q, out_type, out.data());
-  st.SetBytesProcessed(static_cast<std::int64_t>(
-      st.iterations() * (q.packed.size() + q.state.absmax.size() * 4 + out.size())));
-  st.SetLabel(std::string(stowage::name(out_type)));
+  const auto& q0 = weight_4bit(Q);
+  const std::size_t out_bytes = kN * kK * stowage::element_size(out_type);
+  const std::size_t bytes = q0.packed.size() + q0.state.absmax.size() * 4 + out_bytes;
+  const std::size_t copies = rotation_copies(bytes);
+  const std::vector<sp::quantized_4bit> q(copies, q0);
+  std::vector<std::vector<std::uint8_t>> out(copies, std::vector<std::uint8_t>(out_bytes));
+  std::size_t i = 0;
+  for (auto _ : st) {
+    sp::dequantize_4bit(q[i], out_type, out[i].data());
+    i = next_copy(i, copies);
+  }
+  st.SetBytesProcessed(static_cast<std::int64_t>(st.iterations() * bytes));
+  st.SetLabel(std::string(stowage::name(out_type)) + ", " + rotation_label(copies, bytes));
 }
 void BM_dequantize_nf4(benchmark::State& st) { BM_dequantize_4bit<sp::quant_type::nf4>(st); }
 void BM_dequantize_fp4(benchmark::State& st) { BM_dequantize_4bit<sp::quant_type::fp4>(st); }
@@ -154,46 +222,72 @@ BENCHMARK(BM_dequantize_fp4)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->Use
 
 // LLM.int8 weight quantization from bf16 (through fp16, as Int8Params); bytes = input.
 void BM_quantize_int8(benchmark::State& st) {
-  std::vector<std::int8_t> cb(kN * kK);
-  std::vector<float> scb(kN);
-  const auto* in = weights_bf16().data();
-  for (auto _ : st)
-    sp::quantize_int8_rowwise_raw(in, dtype::bfloat16, kN, kK, cb.data(), scb.data());
+  const std::size_t bytes = kN * kK * 2 + kN * kK + kN * 4;
+  const std::size_t copies = rotation_copies(bytes);
+  const std::vector<std::vector<std::uint16_t>> in(copies, weights_bf16());
+  std::vector<std::vector<std::int8_t>> cb(copies, std::vector<std::int8_t>(kN * kK));
+  std::vector<std::vector<float>> scb(copies, std::vector<float>(kN));
+  std::size_t i = 0;
+  for (auto _ : st) {
+    sp::quantize_int8_rowwise_raw(in[i].data(), dtype::bfloat16, kN, kK, cb[i].data(),
+                                  scb[i].data());
+    i = next_copy(i, copies);
+  }
   st.SetBytesProcessed(static_cast<std::int64_t>(st.iterations() * kN * kK * 2));
+  st.SetLabel(rotation_label(copies, bytes));
 }
 BENCHMARK(BM_quantize_int8)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // int8 -> fp32; bytes = CB + SCB read + output written.
 void BM_dequantize_int8(benchmark::State& st) {
-  const auto& q = weight_int8();
-  std::vector<float> out(kN * kK);
-  for (auto _ : st) sp::dequantize_int8_raw(q.cb.data(), q.scb.data(), kN, kK, out.data());
+  const std::size_t bytes = kN * kK * 5 + kN * 4;
+  const std::size_t copies = rotation_copies(bytes);
+  const std::vector<sp::quantized_int8> q(copies, weight_int8());
+  std::vector<std::vector<float>> out(copies, std::vector<float>(kN * kK));
+  std::size_t i = 0;
+  for (auto _ : st) {
+    sp::dequantize_int8_raw(q[i].cb.data(), q[i].scb.data(), kN, kK, out[i].data());
+    i = next_copy(i, copies);
+  }
   st.SetBytesProcessed(static_cast<std::int64_t>(st.iterations() * kN * kK * 5));
+  st.SetLabel(rotation_label(copies, bytes));
 }
 BENCHMARK(BM_dequantize_int8)->Unit(benchmark::kMillisecond)->UseRealTime();
 
-// Fused NF4 product, M = batch rows; bytes = weight bytes (packed + absmax).
+// Fused NF4 product, M = batch rows; bytes = weight bytes (packed + absmax). The products rotate
+// through copies of the weight only: x and y (at most 128 KiB) are the activations, which a
+// decode step has hot in cache too.
 void BM_matvec_nf4(benchmark::State& st) {
   const auto M = static_cast<std::size_t>(st.range(0));
   std::vector<float> x(M * kK, 0.5f), y(M * kN);
-  const auto& q = weight_4bit(sp::quant_type::nf4);
+  const auto& q0 = weight_4bit(sp::quant_type::nf4);
+  const std::size_t bytes = q0.packed.size() + q0.state.absmax.size() * 4;
+  const std::size_t copies = rotation_copies(bytes);
+  const std::vector<sp::quantized_4bit> q(copies, q0);
+  std::size_t i = 0;
   for (auto _ : st) {
-    sp::gemm_4bit(x, M, q, y);
+    sp::gemm_4bit(x, M, q[i], y);
     benchmark::DoNotOptimize(y.data());
+    i = next_copy(i, copies);
   }
-  st.SetBytesProcessed(
-      static_cast<std::int64_t>(st.iterations() * (q.packed.size() + q.state.absmax.size() * 4)));
+  st.SetBytesProcessed(static_cast<std::int64_t>(st.iterations() * bytes));
+  st.SetLabel(rotation_label(copies, bytes));
 }
 BENCHMARK(BM_matvec_nf4)->Arg(1)->Arg(4)->Arg(8)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 void BM_matvec_int8(benchmark::State& st) {
-  const auto& q = weight_int8();
+  const std::size_t bytes = kN * (kK + 4);
+  const std::size_t copies = rotation_copies(bytes);
+  const std::vector<sp::quantized_int8> q(copies, weight_int8());
   std::vector<float> x(kK, 0.5f), y(kN);
+  std::size_t i = 0;
   for (auto _ : st) {
-    sp::gemm_int8(x, 1, q, y);
+    sp::gemm_int8(x, 1, q[i], y);
     benchmark::DoNotOptimize(y.data());
+    i = next_copy(i, copies);
   }
-  st.SetBytesProcessed(static_cast<std::int64_t>(st.iterations() * kN * (kK + 4)));
+  st.SetBytesProcessed(static_cast<std::int64_t>(st.iterations() * bytes));
+  st.SetLabel(rotation_label(copies, bytes));
 }
 BENCHMARK(BM_matvec_int8)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
@@ -314,38 +408,52 @@ void plain_gemm(const W* w, const float* x, float* y) {
 }
 
 template <class W>
-void run_plain(benchmark::State& st, const W* w) {
+void run_plain(benchmark::State& st, const std::vector<W>& w0) {
   const auto M = static_cast<std::size_t>(st.range(0));
+  const std::size_t bytes = kN * kK * sizeof(W);
+  const std::size_t copies = rotation_copies(bytes);
+  const std::vector<std::vector<W>> w(copies, w0);
   std::vector<float> x(M * kK, 0.5f), y(M * kN);
+  std::size_t i = 0;
   for (auto _ : st) {
     if (M == 1)
-      plain_gemm<1>(w, x.data(), y.data());
+      plain_gemm<1>(w[i].data(), x.data(), y.data());
     else if (M == 4)
-      plain_gemm<4>(w, x.data(), y.data());
+      plain_gemm<4>(w[i].data(), x.data(), y.data());
     else
-      plain_gemm<8>(w, x.data(), y.data());
+      plain_gemm<8>(w[i].data(), x.data(), y.data());
     benchmark::DoNotOptimize(y.data());
+    i = next_copy(i, copies);
   }
-  st.SetBytesProcessed(static_cast<std::int64_t>(st.iterations() * kN * kK * sizeof(W)));
+  st.SetBytesProcessed(static_cast<std::int64_t>(st.iterations() * bytes));
+  st.SetLabel(rotation_label(copies, bytes));
 }
 
-void BM_matvec_bf16(benchmark::State& st) { run_plain(st, weights_bf16().data()); }
+void BM_matvec_bf16(benchmark::State& st) { run_plain(st, weights_bf16()); }
 BENCHMARK(BM_matvec_bf16)->Arg(1)->Arg(4)->Arg(8)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
-void BM_matvec_fp32(benchmark::State& st) { run_plain(st, weights().data()); }
+void BM_matvec_fp32(benchmark::State& st) { run_plain(st, weights()); }
 BENCHMARK(BM_matvec_fp32)->Arg(1)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 // The library's general bf16 Linear (exec/cpu/linear.hpp: widen a tile, Eigen product), M = 1.
 void BM_linear_bf16(benchmark::State& st) {
-  const auto w = stowage::exec::cpu::weight_ref::from_bits16(weights_bf16().data(), dtype::bfloat16,
-                                                             kN, kK, "w");
+  const std::size_t bytes = kN * kK * 2;
+  const std::size_t copies = rotation_copies(bytes);
+  const std::vector<std::vector<std::uint16_t>> bits(copies, weights_bf16());
+  std::vector<stowage::exec::cpu::weight_ref> w;
+  for (const auto& b : bits)
+    w.push_back(
+        stowage::exec::cpu::weight_ref::from_bits16(b.data(), dtype::bfloat16, kN, kK, "w"));
   std::vector<float> x(kK, 0.5f), y(kN);
   auto& pool = stowage::exec::default_thread_pool();
+  std::size_t i = 0;
   for (auto _ : st) {
-    stowage::exec::cpu::linear(x, 1, w, {}, y, pool);
+    stowage::exec::cpu::linear(x, 1, w[i], {}, y, pool);
     benchmark::DoNotOptimize(y.data());
+    i = next_copy(i, copies);
   }
-  st.SetBytesProcessed(static_cast<std::int64_t>(st.iterations() * kN * kK * 2));
+  st.SetBytesProcessed(static_cast<std::int64_t>(st.iterations() * bytes));
+  st.SetLabel(rotation_label(copies, bytes));
 }
 BENCHMARK(BM_linear_bf16)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
@@ -359,6 +467,7 @@ int main(int argc, char** argv) {
   (void)weights_bf16();
   (void)weight_4bit(sp::quant_type::nf4);
   (void)weight_int8();
+  benchmark::AddCustomContext("l3_cache_bytes", std::to_string(l3_cache_bytes()));
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();
