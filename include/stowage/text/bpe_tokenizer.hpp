@@ -133,7 +133,6 @@ inline void append_utf8(std::string& out, std::uint32_t cp) {
 inline std::size_t match_at(const std::vector<std::uint32_t>& c, std::size_t i,
                             pretokenizer_style st) {
   const std::size_t n = c.size();
-  auto at = [&](std::size_t k) -> std::uint32_t { return k < n ? c[k] : 0xFFFFFFFFU; };
   auto valid = [&](std::size_t k) { return k < n; };
   auto lower = [](std::uint32_t x) { return x < 0x80 ? (x | 0x20U) : x; };
   auto run = [&](std::size_t k, auto pred) {
