@@ -192,7 +192,6 @@ inline std::size_t match_at(const std::vector<std::uint32_t>& c, std::size_t i,
     if (e == n || e - i == 1) return e - i;  // at the end, or a single space before \S: plain \s+
     return e - 1 - i;                        // leave the last space to the next piece
   }
-  (void)at;
   return 1;  // unreachable for valid classes; keeps progress guaranteed
 }
 
