@@ -750,14 +750,8 @@ inline exec::weight_ref ref_of(const weight_view& v) {
                            std::string(storage::to_string(v.kind)) +
                            " memory; the CPU forward reads host or file storage only (GPU "
                            "blocks run through exec/cuda)");
-  const auto& s = v.desc.shape;
-  exec::weight_ref r;
-  r.data = static_cast<const std::byte*>(v.data());
-  r.type = v.desc.dtype;
-  r.rows = s.rank() >= 2 ? s[0] : 1;
-  r.cols = s.rank() >= 2 ? s.numel() / std::max<std::int64_t>(s[0], 1) : s.numel();
-  r.name = v.desc.name;
-  return r;
+  return exec::weight_ref::of_tensor(static_cast<const std::byte*>(v.data()), v.desc.dtype,
+                                     v.desc.shape, v.desc.name);
 }
 }  // namespace detail
 

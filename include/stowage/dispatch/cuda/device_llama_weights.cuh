@@ -78,13 +78,8 @@ class dispatched_llama_device_weights final : public exec::cuda::llama_device_we
             throw invalid_dtype("tensor `" + v.desc.name + "` is " +
                                 std::string(stowage::name(v.desc.dtype)) +
                                 "; the CUDA forward runs float32, float16 and bfloat16 weights");
-          const auto& s = v.desc.shape;
-          exec::weight_ref r;
-          r.data = static_cast<const std::byte*>(v.data());
-          r.type = v.desc.dtype;
-          r.rows = s.rank() >= 2 ? s[0] : 1;
-          r.cols = s.rank() >= 2 ? s.numel() / std::max<std::int64_t>(s[0], 1) : s.numel();
-          r.name = v.desc.name;
+          auto r = exec::weight_ref::of_tensor(static_cast<const std::byte*>(v.data()),
+                                               v.desc.dtype, v.desc.shape, v.desc.name);
           if (r.data != nullptr) where.emplace(r.data, v.storage);
           return r;
         });

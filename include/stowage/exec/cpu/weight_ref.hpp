@@ -9,8 +9,10 @@
 
 #include <stowage/core/dtype.hpp>
 #include <stowage/core/error.hpp>
+#include <stowage/core/tensor_desc.hpp>
 #include <stowage/precision/convert.hpp>
 
+#include <algorithm>
 #include <bit>
 #include <cstddef>
 #include <cstdint>
@@ -53,6 +55,15 @@ struct weight_ref {
                       nullptr,
                       std::move(n),
                       nullptr};
+  }
+  /// A stored tensor as the kernels read it: [rows, cols], the first dimension as rows and
+  /// everything after it as columns; a 1-D tensor is one row.
+  static weight_ref of_tensor(const std::byte* p, stowage::dtype t, const stowage::shape& s,
+                              std::string n) {
+    const std::int64_t rows = s.rank() >= 2 ? s[0] : 1;
+    const std::int64_t cols =
+        s.rank() >= 2 ? s.numel() / std::max<std::int64_t>(s[0], 1) : s.numel();
+    return weight_ref{p, t, rows, cols, nullptr, nullptr, std::move(n), nullptr};
   }
   static weight_ref from_bits16(const std::uint16_t* p, stowage::dtype t, std::int64_t r,
                                 std::int64_t c, std::string n = {}) {
