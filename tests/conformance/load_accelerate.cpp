@@ -6,6 +6,8 @@
 //   §9.12  keep_in_fp32_modules with bfloat16: accelerate converts, stowage keeps float32
 //   disk dtype: accelerate's .dat keep the checkpoint dtype, stowage's hold the target dtype
 //          (or reference the safetensors file when no conversion is needed)
+#include "support/temp_dir.hpp"
+
 #include <stowage/dispatch/load.hpp>
 #include <stowage/models/llama.hpp>
 #include <stowage/module/module_tree_json.hpp>
@@ -14,7 +16,6 @@
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
-#include <unistd.h>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -24,6 +25,8 @@
 
 namespace fs = std::filesystem;
 using nlohmann::json;
+
+using stowage_test::temp_dir;
 
 namespace {
 
@@ -65,19 +68,6 @@ stowage::module_tree tree_for(const std::string& ckpt) {
   return stowage::to_module_tree(model);
 }
 
-struct temp_dir {
-  fs::path path;
-  temp_dir() {
-    path = fs::temp_directory_path() / ("stowage-load-conf-" + std::to_string(::getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
-
 }  // namespace
 
 TEST_CASE("load_checkpoint_and_dispatch matches accelerate on every fixture case",
@@ -88,7 +78,7 @@ TEST_CASE("load_checkpoint_and_dispatch matches accelerate on every fixture case
     const std::string id = c["id"];
     SECTION(id) {
       INFO("case " << id);
-      temp_dir tmp;
+      temp_dir tmp("load-conf");
       const auto tree = tree_for(c["checkpoint"]);
       const auto map = stowage::device_map::from_json(c["device_map"]);
       stowage::load_options opts;

@@ -5,6 +5,8 @@
 // keeps at most blocks_in_flight blocks in flight during a real forward. Quantized models
 // (nf4, nf4 with double quantization, LLM.int8) quantize on load, hold only the quantized
 // model, and give Transformers' logits on the dequantized weights on every placement.
+#include "support/pretrained_options.hpp"
+#include "support/temp_dir.hpp"
 #include "support/tiny_fixture.hpp"
 
 #include <stowage/checkpoint/safetensors.hpp>
@@ -13,7 +15,6 @@
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
-#include <unistd.h>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -27,27 +28,14 @@ namespace sw = stowage;
 namespace fs = std::filesystem;
 using stowage_test::b64_floats;
 using stowage_test::max_abs_diff;
+using stowage_test::pretrained_options_for;
 using stowage_test::read_json;
+using stowage_test::temp_dir;
 using fp32_model = sw::models::llama_for_causal_lm<sw::precision::fp32>;
 
 namespace {
 
 const std::string fixtures = stowage_test::tiny_fixtures_dir();
-
-struct temp_dir {
-  fs::path path;
-  temp_dir() {
-    static int n = 0;
-    path = fs::temp_directory_path() /
-           ("stowage-offload-placement-" + std::to_string(::getpid()) + "-" + std::to_string(n++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
 
 /// The three placements of a model with `layers` decoder layers.
 std::vector<std::pair<std::string, sw::device_map>> placements(std::int64_t layers) {
@@ -61,15 +49,6 @@ std::vector<std::pair<std::string, sw::device_map>> placements(std::int64_t laye
   return {{"all cpu", sw::device_map{{"", sw::device::cpu()}}},
           {"split cpu/disk", split},
           {"all disk", sw::device_map{{"", sw::device::disk()}}}};
-}
-
-sw::pretrained_options options_for(const sw::device_map& map, const fs::path& folder) {
-  sw::pretrained_options o;
-  o.device_map = map;
-  o.offload_folder = folder;
-  o.threads = 2;
-  o.load.progress = sw::progress_mode::never;
-  return o;
 }
 
 }  // namespace
@@ -86,8 +65,9 @@ TEST_CASE("placement never changes the logits (fp32, = Transformers within 1e-4)
   std::optional<std::vector<float>> first;
   for (const auto& [label, map] : placements(cfg.num_hidden_layers)) {
     INFO("placement " << label);
-    temp_dir tmp;
-    auto m = sw::from_pretrained<fp32_model>(dir, options_for(map, tmp.path / "offload"));
+    temp_dir tmp("offload-placement");
+    auto m =
+        sw::from_pretrained<fp32_model>(dir, pretrained_options_for(map, tmp.path / "offload"));
     CHECK(m.hf_device_map() == map);
     const bool any_disk = label != "all cpu";
     CHECK((m.weights().weights().bytes_in(sw::storage::storage_kind::file) > 0) == any_disk);
@@ -118,8 +98,8 @@ TEST_CASE("bf16 weights: every placement matches Transformers on the same rounde
   const auto cfg = sw::models::llama_config::from_file(dir + "/config.json");
   for (const auto& [label, map] : placements(cfg.num_hidden_layers)) {
     INFO("placement " << label);
-    temp_dir tmp;
-    auto o = options_for(map, tmp.path / "offload");
+    temp_dir tmp("offload-placement");
+    auto o = pretrained_options_for(map, tmp.path / "offload");
     o.dtype = sw::dtype::bfloat16;
     auto m = sw::from_pretrained<fp32_model>(dir, o);
     // Stated tolerance: Transformers ran the bf16-rounded weights in float32, as we do; only
@@ -134,7 +114,7 @@ TEST_CASE("a planned map (sequential, small cpu budget) offloads and keeps the n
           "[dispatch][offload][plan]") {
   const auto fx = read_json(fixtures + "llama_gqa.json");
   const auto dir = fixtures + fx["model_dir"].get<std::string>();
-  temp_dir tmp;
+  temp_dir tmp("offload-placement");
   sw::pretrained_options o;
   o.max_memory = sw::max_memory{{"cpu", "700KB"}};
   o.offload_folder = tmp.path / "offload";
@@ -159,8 +139,8 @@ TEST_CASE("prefetch during a real forward stays within blocks_in_flight",
   const auto prompt = fx["prompt"].get<std::vector<std::int64_t>>();
   for (std::size_t k : {1u, 2u, 3u}) {
     INFO("blocks_in_flight " << k);
-    temp_dir tmp;
-    auto o = options_for(sw::device_map{{"", sw::device::disk()}}, tmp.path / "offload");
+    temp_dir tmp("offload-placement");
+    auto o = pretrained_options_for(sw::device_map{{"", sw::device::disk()}}, tmp.path / "offload");
     o.offload.blocks_in_flight = k;
     auto m = sw::from_pretrained<fp32_model>(dir, o);
     const auto out = m.generate(prompt, {.max_new_tokens = 8,
@@ -214,13 +194,13 @@ void check_quantized(const nlohmann::json& c) {
   }
   REQUIRE(packed_and_scales > 0);
 
-  temp_dir tmp;
+  temp_dir tmp("offload-placement");
   const auto cfg = sw::models::llama_config::from_file(dir + "/config.json");
   std::optional<std::vector<float>> first;
   std::optional<std::vector<std::int64_t>> first_tokens;
   for (const auto& [label, map] : placements(cfg.num_hidden_layers)) {
     INFO("placement " << label);
-    auto m = sw::from_pretrained<Model>(dir, options_for(map, tmp.path / label));
+    auto m = sw::from_pretrained<Model>(dir, pretrained_options_for(map, tmp.path / label));
     // Quantized as they streamed in; the store holds only the quantized model.
     CHECK(m.report().quantized_on_load == quantized.size());
     CHECK(m.quantized_linear_count() == quantized.size());
@@ -324,7 +304,8 @@ TEST_CASE(
 }
 
 TEST_CASE("a quantized model type takes no floating dtype", "[dispatch][offload][quantized]") {
-  auto o = options_for(sw::device_map{{"", sw::device::cpu()}}, fs::temp_directory_path());
+  auto o =
+      pretrained_options_for(sw::device_map{{"", sw::device::cpu()}}, fs::temp_directory_path());
   o.dtype = sw::dtype::bfloat16;
   CHECK_THROWS_AS(
       sw::from_pretrained<sw::models::llama_for_causal_lm<sw::precision::nf4<sw::precision::fp32>>>(
@@ -334,7 +315,7 @@ TEST_CASE("a quantized model type takes no floating dtype", "[dispatch][offload]
 
 TEST_CASE("user errors are typed and leave nothing behind", "[dispatch][offload][errors]") {
   const auto dir = fixtures + "models/llama_gqa";
-  temp_dir tmp;
+  temp_dir tmp("offload-placement");
   SECTION("a folder without weights") {
     fs::create_directories(tmp.path / "empty");
     fs::copy_file(dir + "/config.json", tmp.path / "empty" / "config.json");
@@ -353,11 +334,11 @@ TEST_CASE("user errors are typed and leave nothing behind", "[dispatch][offload]
     CHECK_THROWS_AS(sw::from_pretrained<fp32_model>(tmp.path / "gelu"), sw::invalid_config);
   }
   SECTION("a map naming a GPU this build or machine lacks") {
-    auto o = options_for(sw::device_map{{"", sw::device::gpu(7)}}, tmp.path / "offload");
+    auto o = pretrained_options_for(sw::device_map{{"", sw::device::gpu(7)}}, tmp.path / "offload");
     CHECK_THROWS_AS(sw::from_pretrained<fp32_model>(dir, o), sw::device_map_error);
   }
   SECTION("a full disk while writing the offload folder (ENOSPC injected)") {
-    auto o = options_for(sw::device_map{{"", sw::device::disk()}}, tmp.path / "offload");
+    auto o = pretrained_options_for(sw::device_map{{"", sw::device::disk()}}, tmp.path / "offload");
     o.dtype = sw::dtype::bfloat16;  // forces .dat writes (no checkpoint reference)
     int writes = 0;
     o.load.inject_write_error = [&](const fs::path&, std::uint64_t, std::size_t) {

@@ -11,13 +11,14 @@
 // Streaming and residency never change the bytes a kernel reads, so every map of a model gives
 // the all-GPU logits to 1e-6 (a cuBLAS algorithm choice may depend on pointer alignment).
 #include "cuda_test_main.hpp"
+#include "support/pretrained_options.hpp"
+#include "support/temp_dir.hpp"
 #include "support/tiny_fixture.hpp"
 
 #include <stowage/dispatch/from_pretrained.hpp>
 
 #include <nlohmann/json.hpp>
 
-#include <unistd.h>
 #include <filesystem>
 #include <optional>
 #include <string>
@@ -30,28 +31,15 @@ namespace ex = stowage::exec;
 using stowage_test::b64_floats;
 using stowage_test::ids_of;
 using stowage_test::max_abs_diff;
+using stowage_test::pretrained_options_for;
 using stowage_test::read_json;
+using stowage_test::temp_dir;
 using fp32_model = sw::models::llama_for_causal_lm<sw::precision::fp32>;
 
 namespace {
 
 const std::string fixtures = stowage_test::tiny_fixtures_dir();
 constexpr float f32_tol = 5e-4f;
-
-struct temp_dir {
-  fs::path path;
-  temp_dir() {
-    static int n = 0;
-    path = fs::temp_directory_path() /
-           ("stowage-cuda-dispatch-" + std::to_string(::getpid()) + "-" + std::to_string(n++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
 
 struct placement {
   std::string label;
@@ -107,15 +95,6 @@ std::vector<placement> placements(std::int64_t n) {
   return out;
 }
 
-sw::pretrained_options options_for(const sw::device_map& map, const fs::path& folder) {
-  sw::pretrained_options o;
-  o.device_map = map;
-  o.offload_folder = folder;
-  o.threads = 2;
-  o.load.progress = sw::progress_mode::never;
-  return o;
-}
-
 }  // namespace
 
 TEST_CASE("from_pretrained on the GPU: every map gives Transformers' and the CPU's logits",
@@ -130,9 +109,10 @@ TEST_CASE("from_pretrained on the GPU: every map gives Transformers' and the CPU
   const auto V = static_cast<std::size_t>(cfg.vocab_size);
 
   // The CPU path of the same call (an all-"cpu" map runs on the CPU forward).
-  temp_dir cpu_tmp;
+  temp_dir cpu_tmp("cuda-dispatch");
   auto cpu_model = sw::from_pretrained<fp32_model>(
-      dir, options_for(sw::device_map{{"", sw::device::cpu()}}, cpu_tmp.path / "offload"));
+      dir,
+      pretrained_options_for(sw::device_map{{"", sw::device::cpu()}}, cpu_tmp.path / "offload"));
   REQUIRE_FALSE(cpu_model.on_gpu());
   const auto cpu_logits = cpu_model.forward(prompt, ex::logits_mode::all);
   REQUIRE(max_abs_diff(cpu_logits, expect) <= 1e-4f);
@@ -140,8 +120,9 @@ TEST_CASE("from_pretrained on the GPU: every map gives Transformers' and the CPU
   std::optional<std::vector<float>> all_gpu;
   for (const auto& p : placements(cfg.num_hidden_layers)) {
     INFO("placement " << p.label);
-    temp_dir tmp;
-    auto m = sw::from_pretrained<fp32_model>(dir, options_for(p.map, tmp.path / "offload"));
+    temp_dir tmp("cuda-dispatch");
+    auto m =
+        sw::from_pretrained<fp32_model>(dir, pretrained_options_for(p.map, tmp.path / "offload"));
     REQUIRE(m.on_gpu());
     CHECK(m.execution_device() == sw::device::gpu(0));
     CHECK(m.hf_device_map() == p.map);
@@ -216,8 +197,8 @@ TEST_CASE("from_pretrained on the GPU: bf16 weights with fp32 activations",
   const auto cfg = sw::models::llama_config::from_file(dir + "/config.json");
   for (const auto& p : placements(cfg.num_hidden_layers)) {
     INFO("placement " << p.label);
-    temp_dir tmp;
-    auto o = options_for(p.map, tmp.path / "offload");
+    temp_dir tmp("cuda-dispatch");
+    auto o = pretrained_options_for(p.map, tmp.path / "offload");
     o.dtype = sw::dtype::bfloat16;
     o.gpu_fp32_activations = true;
     auto m = sw::from_pretrained<fp32_model>(dir, o);
@@ -235,22 +216,23 @@ TEST_CASE("from_pretrained on the GPU: maps the CUDA forward cannot run are refu
           "[cuda][dispatch]") {
   const auto fx = read_json(fixtures + "llama_gqa.json");
   const auto dir = fixtures + fx["model_dir"].get<std::string>();
-  temp_dir tmp;
+  temp_dir tmp("cuda-dispatch");
   SECTION("two GPUs") {
     sw::device_map m{{"model.embed_tokens", sw::device::gpu(0)},
                      {"model.layers", sw::device::gpu(1)},
                      {"model.norm", sw::device::gpu(0)},
                      {"model.rotary_emb", sw::device::gpu(0)},
                      {"lm_head", sw::device::gpu(0)}};
-    CHECK_THROWS_AS(sw::from_pretrained<fp32_model>(dir, options_for(m, tmp.path / "offload")),
-                    sw::device_map_error);
+    CHECK_THROWS_AS(
+        sw::from_pretrained<fp32_model>(dir, pretrained_options_for(m, tmp.path / "offload")),
+        sw::device_map_error);
   }
   SECTION("a quantized model type") {
     using nf4_model = sw::models::llama_for_causal_lm<sw::precision::nf4<sw::precision::fp32>>;
-    CHECK_THROWS_WITH(
-        sw::from_pretrained<nf4_model>(
-            dir, options_for(sw::device_map{{"", sw::device::gpu(0)}}, tmp.path / "offload")),
-        Catch::Contains("CPU forward only"));
+    CHECK_THROWS_WITH(sw::from_pretrained<nf4_model>(
+                          dir, pretrained_options_for(sw::device_map{{"", sw::device::gpu(0)}},
+                                                      tmp.path / "offload")),
+                      Catch::Contains("CPU forward only"));
   }
   CHECK_FALSE(fs::exists(tmp.path / "offload"));
 }
@@ -259,7 +241,7 @@ TEST_CASE("from_pretrained on the GPU: auto placement with measured budgets uses
           "[cuda][dispatch]") {
   const auto fx = read_json(fixtures + "qwen2.json");
   const auto dir = fixtures + fx["model_dir"].get<std::string>();
-  temp_dir tmp;
+  temp_dir tmp("cuda-dispatch");
   sw::pretrained_options o;
   o.offload_folder = tmp.path / "offload";
   o.load.progress = sw::progress_mode::never;

@@ -1,6 +1,8 @@
 // accelerate's offload folder format: the folder written by accelerate.utils.offload_state_dict
 // (tests/fixtures/checkpoints/offload/folder) is read tensor for tensor, and our writer produces
 // the same index.json and .dat bytes; merging, the safetensors entry form, atomicity.
+#include "support/temp_dir.hpp"
+
 #include <stowage/checkpoint/safetensors_writer.hpp>
 #include <stowage/storage/offload_folder.hpp>
 
@@ -8,25 +10,13 @@
 
 #include "checkpoint_test_util.hpp"
 
-#include <unistd.h>
 #include <fstream>
 
 using namespace stowage;
 using namespace stowage::storage;
 namespace fs = std::filesystem;
 
-namespace {
-struct temp_dir {
-  fs::path path = fs::temp_directory_path() /
-                  ("stowage_offload_" + std::to_string(::getpid()) + "_" + std::to_string(n()++));
-  temp_dir() { fs::create_directories(path); }
-  ~temp_dir() { fs::remove_all(path); }
-  static int& n() {
-    static int c = 0;
-    return c;
-  }
-};
-}  // namespace
+using stowage_test::temp_dir;
 
 TEST_CASE("offload folder: reads accelerate's folder", "[storage][offload]") {
   const auto dir = ckpt_test::fixtures() / "offload";
@@ -52,7 +42,7 @@ TEST_CASE("offload folder: our writer's bytes equal accelerate's", "[storage][of
   const auto expected = ckpt_test::expected_tensors(dir / "folder.expected.json");
   std::vector<checkpoint::tensor_ref> refs;
   for (const auto& e : expected) refs.push_back({e.name, e.dtype, e.shape, e.bytes});
-  temp_dir t;
+  temp_dir t("offload-folder");
   write_offload_folder(t.path / "out", refs);
   CHECK(ckpt_test::read_text(t.path / "out" / "index.json") ==
         ckpt_test::read_text(dir / "folder" / "index.json"));
@@ -68,7 +58,7 @@ TEST_CASE("offload folder: our writer's bytes equal accelerate's", "[storage][of
 }
 
 TEST_CASE("offload folder: merge, safetensors entries, atomicity", "[storage][offload]") {
-  temp_dir t;
+  temp_dir t("offload-folder");
   const std::vector<float> a{1.f, 2.f};
   const std::vector<std::int64_t> b{5};
   {

@@ -3,6 +3,8 @@
 // pytorch_model.bin.index.json; both read tensor for tensor against the model's own bytes.
 // Also accelerate's folder resolution rules, the flat index form, hostile shard names, the
 // shard splitter against huggingface_hub's, and our index file against transformers' bytes.
+#include "support/temp_dir.hpp"
+
 #include <stowage/checkpoint/checkpoint.hpp>
 #include <stowage/checkpoint/sharded.hpp>
 
@@ -10,11 +12,12 @@
 
 #include "checkpoint_test_util.hpp"
 
-#include <unistd.h>
 #include <fstream>
 
 using namespace stowage;
 using namespace stowage::checkpoint;
+
+using stowage_test::temp_dir;
 
 namespace {
 
@@ -31,18 +34,6 @@ void check_llama(const std::filesystem::path& path) {
     CHECK(ckpt_test::same_bytes(v.bytes, e.bytes));
   }
 }
-
-struct temp_dir {
-  std::filesystem::path path =
-      std::filesystem::temp_directory_path() /
-      ("stowage_sharded_" + std::to_string(::getpid()) + "_" + std::to_string(counter()++));
-  temp_dir() { std::filesystem::create_directories(path); }
-  ~temp_dir() { std::filesystem::remove_all(path); }
-  static int& counter() {
-    static int c = 0;
-    return c;
-  }
-};
 
 void write_text(const std::filesystem::path& p, const std::string& s) {
   std::ofstream(p, std::ios::binary) << s;
@@ -76,7 +67,7 @@ TEST_CASE("sharded: shards are opened lazily", "[checkpoint][sharded]") {
 }
 
 TEST_CASE("sharded: accelerate's folder resolution rules", "[checkpoint][sharded]") {
-  temp_dir t;
+  temp_dir t("sharded");
   CHECK_THROWS_WITH(resolve_checkpoint(t.path),
                     Catch::Contains("is not a folder containing a `.index.json` file"));
   write_text(t.path / "a.index.json", "{}");
@@ -100,7 +91,7 @@ TEST_CASE("sharded: accelerate's folder resolution rules", "[checkpoint][sharded
 }
 
 TEST_CASE("sharded: flat index form and hostile index files", "[checkpoint][sharded]") {
-  temp_dir t;
+  temp_dir t("sharded");
   std::filesystem::copy_file(ckpt_test::fixtures() / "st" / "nometa.safetensors",
                              t.path / "s1.safetensors");
   write_text(t.path / "flat.index.json", R"({"only": "s1.safetensors"})");
@@ -159,7 +150,7 @@ TEST_CASE("sharded: save_pretrained's shards reproduced byte for byte",
       ckpt_test::expected_tensors(ckpt_test::fixtures() / "hf_llama.expected.json");
   std::vector<tensor_ref> refs;
   for (const auto& e : expected) refs.push_back({e.name, e.dtype, e.shape, e.bytes});
-  temp_dir t;
+  temp_dir t("sharded");
   const auto res = save_sharded_safetensors(t.path, refs, parse_shard_size("10KB"));
   REQUIRE(res.files.size() == 3);
   for (const auto& f : res.files) {

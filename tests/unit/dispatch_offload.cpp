@@ -2,6 +2,8 @@
 // device, io_same_device on the root only, tied weights stored once, dispatch_model /
 // cpu_offload / disk_offload re-placing a loaded model, and the prefetcher's bound on blocks
 // in flight.
+#include "support/temp_dir.hpp"
+
 #include <stowage/dispatch/load.hpp>
 #include <stowage/dispatch/offload.hpp>
 #include <stowage/dispatch/quantized_weights.hpp>
@@ -27,27 +29,11 @@ namespace sw = stowage;
 namespace fs = std::filesystem;
 using model_t = sw::models::llama_for_causal_lm<sw::precision::fp32>;
 
+using stowage_test::temp_dir;
+
 namespace {
 
 const std::string tiny = std::string(STOWAGE_FIXTURES_DIR) + "/tiny/models/";
-
-struct temp_dir {
-  fs::path path;
-  temp_dir() {
-    path = fs::temp_directory_path() / ("stowage-dispatch-offload-" + std::to_string(::getpid()) +
-                                        "-" + std::to_string(counter()++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  static int& counter() {
-    static int c = 0;
-    return c;
-  }
-};
 
 sw::module_tree tree_of(const std::string& name) {
   const auto cfg = sw::models::llama_config::from_file(tiny + name + "/config.json");
@@ -67,7 +53,7 @@ sw::dispatched_weights load(const std::string& name, const sw::device_map& map,
 
 TEST_CASE("hooks: one per placed block, execution devices and offload flags (§7.1, §7.3)",
           "[dispatch][hooks]") {
-  temp_dir tmp;
+  temp_dir tmp("dispatch-offload");
   const sw::device_map map{
       {"model.embed_tokens", sw::device::cpu()}, {"model.layers.0", sw::device::cpu()},
       {"model.layers.1", sw::device::disk()},    {"model.layers.2", sw::device::disk()},
@@ -115,7 +101,7 @@ TEST_CASE("hooks: one per placed block, execution devices and offload flags (§7
 }
 
 TEST_CASE("tied parameters share one storage wherever they live", "[dispatch][ties]") {
-  temp_dir tmp;
+  temp_dir tmp("dispatch-offload");
   for (const auto& d : {sw::device::cpu(), sw::device::disk()}) {
     INFO("placed on " << d.to_string());
     const auto w = load("llama3_tied", sw::device_map{{"", d}}, tmp.path / d.to_string());
@@ -143,7 +129,7 @@ TEST_CASE("tied parameters share one storage wherever they live", "[dispatch][ti
 
 TEST_CASE("dispatch_model re-places a loaded model; cpu_offload and disk_offload",
           "[dispatch][dispatch_model]") {
-  temp_dir tmp;
+  temp_dir tmp("dispatch-offload");
   const auto tree = tree_of("llama3_tied");
   auto all_cpu = [&] {
     sw::load_options o;
@@ -234,7 +220,7 @@ TEST_CASE("dispatch_model re-places a loaded model; cpu_offload and disk_offload
 
 TEST_CASE("block_prefetcher keeps at most blocks_in_flight blocks requested",
           "[dispatch][prefetch]") {
-  temp_dir tmp;
+  temp_dir tmp("dispatch-offload");
   const auto file = tmp.path / "blocks.bin";
   const std::size_t block_bytes = 1 << 16, n = 6;
   {
