@@ -23,6 +23,7 @@
 #include "../unit/checkpoint_test_util.hpp"
 #include "bnb_fixture.hpp"
 #include "sha256.hpp"
+#include "support/quantized_fixture.hpp"
 
 #include <bit>
 #include <map>
@@ -35,47 +36,20 @@ using namespace stowage;
 namespace ck = stowage::checkpoint;
 namespace sp = stowage::precision;
 namespace fs = std::filesystem;
+namespace sq = stowage_test::quantized;
 
 namespace {
 
-fs::path qfix() { return fs::path(STOWAGE_FIXTURES_DIR) / "quantized"; }
-fs::path tiny(const std::string& source) { return fs::path(STOWAGE_FIXTURES_DIR) / source; }
+using stowage_test::quantized::bnb_config_for;
+using stowage_test::quantized::config_of;
+using stowage_test::quantized::expected;
+using stowage_test::quantized::llama_tree;
+
 fs::path tmp_root() {
   return fs::temp_directory_path() / ("stowage_qload_" + std::to_string(::getpid()));
 }
 
-nlohmann::json expected(const std::string& variant) {
-  return ckpt_test::read_json(qfix() / variant / "expected.json");
-}
-
-models::llama_config config_of(const fs::path& folder) {
-  return models::llama_config::from_file((folder / "config.json").string());
-}
-module_tree llama_tree(const fs::path& folder) {
-  return to_module_tree(init_empty<models::llama_for_causal_lm<sp::fp32>>(config_of(folder)));
-}
-
 std::string sha(std::span<const std::byte> b) { return test_sha256::hex(b); }
-
-// A fixture's BitsAndBytesConfig kwargs (+ blocksize) and from_pretrained dtype.
-sp::bnb_config config_for(const nlohmann::json& e) {
-  const auto& b = e["bitsandbytes_config"];
-  sp::bnb_config c;
-  c.load_in_4bit = b.value("load_in_4bit", false);
-  c.load_in_8bit = b.value("load_in_8bit", false);
-  if (b.contains("bnb_4bit_quant_type"))
-    c.bnb_4bit_quant_type =
-        b["bnb_4bit_quant_type"] == "nf4" ? sp::quant_type::nf4 : sp::quant_type::fp4;
-  c.bnb_4bit_use_double_quant = b.value("bnb_4bit_use_double_quant", false);
-  if (b.contains("bnb_4bit_compute_dtype"))
-    c.bnb_4bit_compute_dtype = dtype_from_name(b["bnb_4bit_compute_dtype"].get<std::string>());
-  if (!e["blocksize"].is_null()) c.blocksize = e["blocksize"].get<std::size_t>();
-  return c;
-}
-std::optional<dtype> dtype_for(const nlohmann::json& e) {
-  if (e["from_pretrained_dtype"].is_null()) return std::nullopt;
-  return dtype_from_name(e["from_pretrained_dtype"].get<std::string>());
-}
 
 struct file_tensor {
   dtype type;
@@ -126,11 +100,11 @@ TEST_CASE("quantize on load stores what stowage-convert writes (and so bitsandby
   for (const std::string variant : variants) {
     DYNAMIC_SECTION(variant) {
       const auto e = expected(variant);
-      const auto src = tiny(e["source"].get<std::string>());
+      const auto src = sq::source_dir(e);
       const auto tree = llama_tree(src);
-      const auto cfg = config_for(e);
+      const auto cfg = bnb_config_for(e);
       ck::convert_options copt;
-      copt.dtype = dtype_for(e);
+      copt.dtype = sq::from_pretrained_dtype(e);
       copt.quantize = ck::quantize_options{cfg, tree, "lm_head"};
       const auto out = tmp / variant;
       fs::remove_all(out);
@@ -139,7 +113,7 @@ TEST_CASE("quantize on load stores what stowage-convert writes (and so bitsandby
 
       load_options lo;
       lo.quantization = cfg;
-      lo.dtype = dtype_for(e);
+      lo.dtype = sq::from_pretrained_dtype(e);
       lo.threads = 2;
       lo.progress = progress_mode::never;
       const auto loaded = load_checkpoint_in_model(tree, src, all_cpu(), lo);
@@ -165,7 +139,7 @@ TEST_CASE("quantize on load stores what stowage-convert writes (and so bitsandby
       load_options back;
       back.threads = 2;
       back.progress = progress_mode::never;
-      back.dtype = dtype_for(e);
+      back.dtype = sq::from_pretrained_dtype(e);
       const auto again = load_checkpoint_in_model(tree, out, all_cpu(), back);
       CHECK(again.report.quantized_on_load == 0);
       CHECK(again.report.prequantized == loaded.report.quantized_on_load);
@@ -181,7 +155,7 @@ TEST_CASE("a typed model's quantized precision drives quantize on load",
           "[quantized][load][typed]") {
   // nf4_dq_bf16: BitsAndBytesConfig(nf4, double quant, compute bf16), dtype=bf16, block 64.
   const auto e = expected("nf4_dq_bf16");
-  const auto src = tiny(e["source"].get<std::string>());
+  const auto src = sq::source_dir(e);
   const auto model =
       init_empty<models::llama_for_causal_lm<sp::nf4<sp::bf16, true, 64>>>(config_of(src));
   const auto tree = llama_tree(src);
@@ -189,7 +163,7 @@ TEST_CASE("a typed model's quantized precision drives quantize on load",
   fs::remove_all(out);
   ck::convert_options copt;
   copt.dtype = dtype::bfloat16;
-  copt.quantize = ck::quantize_options{config_for(e), tree, "lm_head"};
+  copt.quantize = ck::quantize_options{bnb_config_for(e), tree, "lm_head"};
   ck::convert_checkpoint(src, out, copt);
   load_options lo;
   lo.progress = progress_mode::never;
@@ -211,10 +185,11 @@ TEST_CASE(
   for (const std::string variant : {"nf4_dq_bf16", "fp4_bf16_fp16compute", "int8_bf16"}) {
     DYNAMIC_SECTION(variant) {
       const auto e = expected(variant);
-      const auto folder = qfix() / variant;
-      const auto tree = llama_tree(tiny(e["source"].get<std::string>()));
+      const auto folder = sq::fixtures() / variant;
+      const auto tree = llama_tree(sq::source_dir(e));
       load_options lo;
-      lo.dtype = dtype_for(e);  // the other tensors as saved (bf16), nothing converted
+      lo.dtype =
+          sq::from_pretrained_dtype(e);  // the other tensors as saved (bf16), nothing converted
       lo.threads = 3;
       lo.progress = progress_mode::never;
       const auto loaded = load_checkpoint_in_model(tree, folder, all_cpu(), lo);
@@ -396,10 +371,10 @@ TEST_CASE("chunked multi-threaded quantization equals quantizing the whole weigh
 TEST_CASE("quantized weights offloaded to disk stay quantized, state tensors included",
           "[quantized][load][offload]") {
   const auto e = expected("nf4_dq_bf16");
-  const auto src = tiny(e["source"].get<std::string>());
+  const auto src = sq::source_dir(e);
   const auto tree = llama_tree(src);
   load_options lo;
-  lo.quantization = config_for(e);
+  lo.quantization = bnb_config_for(e);
   lo.dtype = dtype::bfloat16;
   lo.progress = progress_mode::never;
   const auto in_memory = load_checkpoint_in_model(tree, src, all_cpu(), lo);

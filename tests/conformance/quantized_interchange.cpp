@@ -22,6 +22,7 @@
 #include "../unit/checkpoint_test_util.hpp"
 #include "bnb_fixture.hpp"
 #include "sha256.hpp"
+#include "support/quantized_fixture.hpp"
 
 #include <algorithm>
 #include <bit>
@@ -35,20 +36,12 @@ using namespace stowage;
 namespace ck = stowage::checkpoint;
 namespace sp = stowage::precision;
 namespace fs = std::filesystem;
+namespace sq = stowage_test::quantized;
 
 namespace {
 
-fs::path qfix() { return fs::path(STOWAGE_FIXTURES_DIR) / "quantized"; }
-fs::path tiny(const std::string& source) { return fs::path(STOWAGE_FIXTURES_DIR) / source; }
-
-nlohmann::json expected(const std::string& variant) {
-  return ckpt_test::read_json(qfix() / variant / "expected.json");
-}
-
-module_tree llama_tree(const fs::path& folder) {
-  const auto cfg = models::llama_config::from_file((folder / "config.json").string());
-  return to_module_tree(init_empty<models::llama_for_causal_lm<sp::fp32>>(cfg));
-}
+using stowage_test::quantized::expected;
+using stowage_test::quantized::llama_tree;
 
 std::string sha(std::span<const std::byte> b) { return test_sha256::hex(b); }
 template <class T>
@@ -58,22 +51,10 @@ std::string sha_of(const std::vector<T>& v) {
 
 // The BitsAndBytesConfig kwargs of a fixture as a bnb_config (+ the from_pretrained dtype).
 ck::convert_options options_for(const nlohmann::json& e) {
-  const auto& b = e["bitsandbytes_config"];
-  sp::bnb_config c;
-  c.load_in_4bit = b.value("load_in_4bit", false);
-  c.load_in_8bit = b.value("load_in_8bit", false);
-  if (b.contains("bnb_4bit_quant_type"))
-    c.bnb_4bit_quant_type =
-        b["bnb_4bit_quant_type"] == "nf4" ? sp::quant_type::nf4 : sp::quant_type::fp4;
-  c.bnb_4bit_use_double_quant = b.value("bnb_4bit_use_double_quant", false);
-  if (b.contains("bnb_4bit_compute_dtype"))
-    c.bnb_4bit_compute_dtype = dtype_from_name(b["bnb_4bit_compute_dtype"].get<std::string>());
-  if (!e["blocksize"].is_null()) c.blocksize = e["blocksize"].get<std::size_t>();
+  const auto c = sq::bnb_config_for(e);
   ck::convert_options opt;
-  if (!e["from_pretrained_dtype"].is_null())
-    opt.dtype = dtype_from_name(e["from_pretrained_dtype"].get<std::string>());
-  opt.quantize =
-      ck::quantize_options{c, llama_tree(tiny(e["source"].get<std::string>())), "lm_head"};
+  opt.dtype = sq::from_pretrained_dtype(e);
+  opt.quantize = ck::quantize_options{c, llama_tree(sq::source_dir(e)), "lm_head"};
   return opt;
 }
 
@@ -160,7 +141,7 @@ void explain_difference(const std::string& key, const nlohmann::json& e, const f
         reinterpret_cast<const char*>(all.at(js).bytes.data()), all.at(js).bytes.size()));
     const auto offset = static_cast<float>(j["nested_offset"].get<double>());
     const std::size_t bs = j["blocksize"];
-    const auto x = source_weight(tiny(e["source"].get<std::string>()), w, target);
+    const auto x = source_weight(sq::source_dir(e), w, target);
     std::vector<std::uint8_t> packed((x.size() + 1) / 2);
     std::vector<float> plain((x.size() + bs - 1) / bs);
     sp::quantize_4bit_raw(x.data(), dtype::float32, x.size(), type, bs, packed.data(),
@@ -195,7 +176,7 @@ void explain_difference(const std::string& key, const nlohmann::json& e, const f
   }());
   std::vector<float> absmax(absmax_t.size() / 4);
   std::memcpy(absmax.data(), absmax_t.data(), absmax.size() * 4);
-  const auto x = source_weight(tiny(e["source"].get<std::string>()), key, target);
+  const auto x = source_weight(sq::source_dir(e), key, target);
   const std::size_t bs = 64;
   REQUIRE(absmax.size() == (x.size() + bs - 1) / bs);
   for (std::size_t i = 0; i < x.size(); ++i) {
@@ -223,7 +204,7 @@ TEST_CASE("quantized conversion writes what Transformers + bitsandbytes write",
       const auto out = tmp / variant;
       fs::remove_all(out);
       const auto opt = options_for(e);
-      const auto rep = ck::convert_checkpoint(tiny(e["source"].get<std::string>()), out, opt);
+      const auto rep = ck::convert_checkpoint(sq::source_dir(e), out, opt);
       REQUIRE(rep.shards.size() == 1);
       const auto ours = read_safetensors(out / "model.safetensors");
       std::map<std::string, file_tensor> theirs;
@@ -236,8 +217,8 @@ TEST_CASE("quantized conversion writes what Transformers + bitsandbytes write",
       // bitsandbytes' bytes where known in full: small tensors in expected.json, everything
       // for the variants whose Transformers-written checkpoint is kept.
       std::map<std::string, file_tensor> ref;
-      if (fs::exists(qfix() / variant / "model.safetensors"))
-        ref = read_safetensors(qfix() / variant / "model.safetensors");
+      if (fs::exists(sq::fixtures() / variant / "model.safetensors"))
+        ref = read_safetensors(sq::fixtures() / variant / "model.safetensors");
       for (const auto& t : e["tensors"])
         if (t.contains("bytes") && !ref.count(t["name"].get<std::string>())) {
           const auto b = bnb_fixture::base64(t["bytes"].get<std::string>());
@@ -276,8 +257,8 @@ TEST_CASE("quantized conversion writes what Transformers + bitsandbytes write",
       CHECK(nlohmann::json::parse(sp::bnb_config_to_dict(opt.quantize->config).dump()) ==
             e["quantization_config_to_dict"]);
       // to_dict's key order too (config.json itself is written with sorted keys).
-      const auto ordered =
-          nlohmann::ordered_json::parse(ckpt_test::read_text(qfix() / variant / "expected.json"));
+      const auto ordered = nlohmann::ordered_json::parse(
+          ckpt_test::read_text(sq::fixtures() / variant / "expected.json"));
       const auto dict = sp::bnb_config_to_dict(opt.quantize->config);
       CHECK(dict.dump() == ordered["quantization_config_to_dict"].dump());
       WARN(variant << ": " << differing << " tensor(s) differ; explained: " << st.fp4_codes
@@ -292,7 +273,7 @@ TEST_CASE("Transformers-written quantized checkpoints dequantize as bitsandbytes
   for (const std::string variant : {"nf4_dq_bf16", "fp4_bf16_fp16compute", "int8_bf16"}) {
     DYNAMIC_SECTION(variant) {
       const auto e = expected(variant);
-      const auto path = qfix() / variant / "model.safetensors";
+      const auto path = sq::fixtures() / variant / "model.safetensors";
       const auto rd = ck::checkpoint_reader::open(path);
       auto lookup_for = [&](const std::string& prefix) -> sp::state_tensor_lookup {
         return [&rd, prefix](std::string_view suffix) -> std::optional<sp::state_tensor_view> {
@@ -304,11 +285,11 @@ TEST_CASE("Transformers-written quantized checkpoints dequantize as bitsandbytes
         };
       };
       // The config block parses back to the same settings.
-      const auto cfg = ckpt_test::read_json(qfix() / variant / "config.json");
+      const auto cfg = ckpt_test::read_json(sq::fixtures() / variant / "config.json");
       const auto bc = sp::bnb_config_from_json(cfg["quantization_config"]);
       CHECK(nlohmann::json::parse(sp::bnb_config_to_dict(bc).dump()) == cfg["quantization_config"]);
       // Every module Transformers quantized is one stowage's skip rules select, and back.
-      const auto tree = llama_tree(tiny(e["source"].get<std::string>()));
+      const auto tree = llama_tree(sq::source_dir(e));
       std::vector<std::string> modules;
       for (const auto& d : e["dequantized"]) modules.push_back(d["module"].get<std::string>());
       CHECK(modules == sp::modules_to_quantize(tree, bc));
@@ -378,9 +359,9 @@ TEST_CASE("Transformers-written quantized checkpoints dequantize as bitsandbytes
 
 TEST_CASE("skip rules follow transformers' get_keys_to_not_convert / should_convert_module",
           "[quantized][skip]") {
-  const auto untied = llama_tree(tiny("tiny/models/llama_gqa"));
+  const auto untied = llama_tree(fs::path(STOWAGE_FIXTURES_DIR) / "tiny/models/llama_gqa");
   CHECK(sp::keys_to_not_convert(untied) == std::vector<std::string>{"lm_head"});
-  const auto tied = llama_tree(tiny("tiny/models/llama3_tied"));
+  const auto tied = llama_tree(fs::path(STOWAGE_FIXTURES_DIR) / "tiny/models/llama3_tied");
   CHECK(sp::keys_to_not_convert(tied) ==
         std::vector<std::string>{"lm_head", "model.embed_tokens", "model.norm"});
   const std::vector<std::string> p{"model.layers.1"};
@@ -410,7 +391,7 @@ TEST_CASE("skip rules follow transformers' get_keys_to_not_convert / should_conv
 }
 
 TEST_CASE("broken quantized state is rejected with the tensor named", "[quantized][errors]") {
-  const auto path = qfix() / "nf4_dq_bf16" / "model.safetensors";
+  const auto path = sq::fixtures() / "nf4_dq_bf16" / "model.safetensors";
   const auto rd = ck::checkpoint_reader::open(path);
   const std::string w = "model.layers.0.self_attn.q_proj.weight";
   const auto wv = rd.view(w);
@@ -453,7 +434,7 @@ TEST_CASE("broken quantized state is rejected with the tensor named", "[quantize
           w, weight, [](std::string_view) { return std::optional<sp::state_tensor_view>{}; }),
       checkpoint_error);
   // int8 without SCB.
-  const auto iv = ck::checkpoint_reader::open(qfix() / "int8_bf16" / "model.safetensors");
+  const auto iv = ck::checkpoint_reader::open(sq::fixtures() / "int8_bf16" / "model.safetensors");
   const auto i8 = iv.view("model.layers.0.mlp.up_proj.weight");
   CHECK_THROWS_AS(
       sp::int8_from_tensors("model.layers.0.mlp.up_proj",
@@ -465,8 +446,9 @@ TEST_CASE("broken quantized state is rejected with the tensor named", "[quantize
   sp::bnb_config c;
   c.load_in_4bit = true;
   c.blocksize = 100;
-  opt.quantize = ck::quantize_options{c, llama_tree(tiny("tiny/models/llama_gqa")), "lm_head"};
-  CHECK_THROWS_AS(ck::convert_checkpoint(tiny("tiny/models/llama_gqa"),
+  opt.quantize = ck::quantize_options{
+      c, llama_tree(fs::path(STOWAGE_FIXTURES_DIR) / "tiny/models/llama_gqa"), "lm_head"};
+  CHECK_THROWS_AS(ck::convert_checkpoint(fs::path(STOWAGE_FIXTURES_DIR) / "tiny/models/llama_gqa",
                                          fs::temp_directory_path() / "stowage_qconv_never", opt),
                   invalid_config);
   CHECK_FALSE(fs::exists(fs::temp_directory_path() / "stowage_qconv_never"));

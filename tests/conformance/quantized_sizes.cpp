@@ -12,6 +12,8 @@
 //     "auto" budgets). The exact sizes differ from Transformers' by precisely the state tensors
 //     it does not count (absmax, quant_map, nested statistics, QuantState JSON; SCB and
 //     weight_format for int8): named and checked below.
+#include "support/quantized_fixture.hpp"
+
 #include "accelerate_fixture_support.hpp"
 
 #include <stowage/dispatch/load.hpp>
@@ -42,19 +44,6 @@ nlohmann::json read(const fs::path& p) {
   return nlohmann::json::parse(in);
 }
 
-sp::bnb_config config_of(const nlohmann::json& b) {
-  sp::bnb_config c;
-  c.load_in_4bit = b.value("load_in_4bit", false);
-  c.load_in_8bit = b.value("load_in_8bit", false);
-  if (b.contains("bnb_4bit_quant_type"))
-    c.bnb_4bit_quant_type =
-        b["bnb_4bit_quant_type"] == "nf4" ? sp::quant_type::nf4 : sp::quant_type::fp4;
-  c.bnb_4bit_use_double_quant = b.value("bnb_4bit_use_double_quant", false);
-  if (b.contains("bnb_4bit_compute_dtype"))
-    c.bnb_4bit_compute_dtype = sw::dtype_from_name(b["bnb_4bit_compute_dtype"].get<std::string>());
-  return c;
-}
-
 sw::module_tree llama_tree(const fs::path& config, bool bf16) {
   const auto cfg = sw::models::llama_config::from_file(config.string());
   if (bf16)
@@ -74,7 +63,7 @@ TEST_CASE("planner sizes equal what quantize-on-load stores, to the byte",
       const auto e = read(fixtures() / "quantized" / variant / "expected.json");
       const auto src = fixtures() / e["source"].get<std::string>();
       const auto tree = llama_tree(src / "config.json", false);
-      auto cfg = config_of(e["bitsandbytes_config"]);
+      auto cfg = stowage_test::quantized::bnb_config_of(e["bitsandbytes_config"]);
       if (!e["blocksize"].is_null()) cfg.blocksize = e["blocksize"].get<std::size_t>();
       std::optional<sw::dtype> dt;
       if (!e["from_pretrained_dtype"].is_null())
@@ -213,7 +202,7 @@ TEST_CASE("Transformers' quantized sizes and device maps (Llama-2-70B, Llama-3.1
         c["config"].get<std::string>() + " " + c["quantization"].get<std::string>();
     INFO(id);
     auto& m = model(c["config"]);
-    const auto cfg = config_of(c["bitsandbytes_config"]);
+    const auto cfg = stowage_test::quantized::bnb_config_of(c["bitsandbytes_config"]);
     const auto dt = sw::dtype_from_name(c["dtype"].get<std::string>());
 
     // Which weights Transformers replaced by Linear4bit / Linear8bitLt.
