@@ -377,33 +377,83 @@ inline bool direct_io_pays(std::uint64_t file_bytes) {
   return avail && *avail > 0 && file_bytes > static_cast<std::uint64_t>(*avail) / 2;
 }
 
+/// The files a prefetcher reads, each opened once (a buffered descriptor, and an O_DIRECT one
+/// when wanted) and shared by its reader threads, instead of two open() and close() per
+/// piece: pread needs no descriptor of its own per thread. Closed when the prefetcher goes.
+class read_files {
+ public:
+  struct handles {
+    int buffered = -1;
+    int direct = -1;  ///< -1: not wanted, refused by the file system, or refused at read time
+  };
+  read_files() = default;
+  read_files(const read_files&) = delete;
+  read_files& operator=(const read_files&) = delete;
+  ~read_files() {
+    for (auto& [path, e] : files_) {
+      if (e.direct >= 0) ::close(e.direct);
+      if (e.buffered >= 0) ::close(e.buffered);
+    }
+  }
+
+  /// path's descriptors, opened at first use; io_error naming the file when it cannot be.
+  handles get(const std::filesystem::path& path, bool want_direct) {
+    std::lock_guard lock(m_);
+    auto it = files_.find(path.native());
+    if (it == files_.end()) {
+      const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd < 0)
+        throw io_error(path.string(), std::string("cannot open: ") + std::strerror(errno));
+      it = files_.emplace(path.native(), entry{fd, -1, false, false}).first;
+    }
+    entry& e = it->second;
+#if defined(O_DIRECT)
+    if (want_direct && !e.direct_tried) {
+      e.direct_tried = true;  // a file system without O_DIRECT (tmpfs) refuses it at open
+      e.direct = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
+    }
+#endif
+    return {e.buffered, want_direct && !e.direct_refused ? e.direct : -1};
+  }
+  /// The file system refused an O_DIRECT read of path: buffered reads from now on (the
+  /// descriptor stays open until the end: another reader may be using it right now).
+  void refuse_direct(const std::filesystem::path& path) {
+    std::lock_guard lock(m_);
+    if (const auto it = files_.find(path.native()); it != files_.end())
+      it->second.direct_refused = true;
+  }
+
+ private:
+  struct entry {
+    int buffered, direct;
+    bool direct_tried, direct_refused;
+  };
+  std::mutex m_;
+  std::unordered_map<std::filesystem::path::string_type, entry> files_;
+};
+
 /// Reads [offset, offset + length) of `path` into `dst` (length and offset multiples of
 /// read_align, dst aligned to it): with O_DIRECT unless the range is already in the page cache
 /// or the file system refuses it, then buffered. Stops at the end of the file; io_error when
 /// the file holds fewer than `needed` bytes from offset, or on a read error.
-inline void read_piece(const std::filesystem::path& path, std::uint64_t offset,
+inline void read_piece(read_files& files, const std::filesystem::path& path, std::uint64_t offset,
                        std::uint64_t length, std::uint64_t needed, std::byte* dst,
                        bool direct_io = true) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw io_error(path.string(), std::string("cannot open: ") + std::strerror(errno));
-  int direct = -1;
-  (void)direct_io;
-#if defined(O_DIRECT)
-  if (direct_io && !range_cached(fd, offset, length))
-    direct = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
-#endif
+  const auto h = files.get(path, direct_io);
+  const int direct = h.direct >= 0 && !range_cached(h.buffered, offset, length) ? h.direct : -1;
+  bool use_direct_fd = direct >= 0;
   std::uint64_t done = 0;
   int err = 0;
   while (done < length) {
-    const bool use_direct = direct >= 0 && done % read_align == 0;
+    const bool use_direct = use_direct_fd && done % read_align == 0;
     const ssize_t n =
-        ::pread(use_direct ? direct : fd, dst + done, static_cast<std::size_t>(length - done),
-                static_cast<off_t>(offset + done));
+        ::pread(use_direct ? direct : h.buffered, dst + done,
+                static_cast<std::size_t>(length - done), static_cast<off_t>(offset + done));
     if (n < 0) {
       if (errno == EINTR) continue;
       if (use_direct && errno == EINVAL) {  // refused at read time: buffered from here on
-        ::close(direct);
-        direct = -1;
+        files.refuse_direct(path);
+        use_direct_fd = false;
         continue;
       }
       err = errno;
@@ -412,8 +462,6 @@ inline void read_piece(const std::filesystem::path& path, std::uint64_t offset,
     if (n == 0) break;  // end of file
     done += static_cast<std::uint64_t>(n);
   }
-  if (direct >= 0) ::close(direct);
-  ::close(fd);
   if (err != 0)
     throw io_error(path.string(), "cannot read " + std::to_string(length) + " bytes at offset " +
                                       std::to_string(offset) + ": " + std::strerror(err));
@@ -665,7 +713,8 @@ class block_prefetcher {
       lock.unlock();
       std::exception_ptr err;
       if (!skip) try {
-          detail::read_piece(rd.path, rd.offset + j.offset, j.length, j.needed, dst, direct_io_);
+          detail::read_piece(files_, rd.path, rd.offset + j.offset, j.length, j.needed, dst,
+                             direct_io_);
         } catch (...) {
           err = std::current_exception();
         }
@@ -729,6 +778,7 @@ class block_prefetcher {
   std::vector<std::size_t> slot_of_, pending_;
   std::vector<std::exception_ptr> errors_;
   std::deque<read_job> jobs_;
+  detail::read_files files_;          // the files' descriptors, shared by the reader threads
   std::vector<std::thread> readers_;  // joined (stop_readers) before any member goes
 };
 
