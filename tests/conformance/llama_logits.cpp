@@ -2,6 +2,7 @@
 // tiny random models of tools/gen_tiny_models.py (logits of every position, batched last
 // logits, 32 greedy tokens), the bf16-weight path against Transformers run on the same
 // bf16-rounded weights, and the bundled demo model's greedy continuation.
+#include "support/forward_contract.hpp"
 #include "support/tiny_fixture.hpp"
 
 #include <stowage/exec/llama_forward.hpp>
@@ -46,40 +47,7 @@ TEST_CASE("tiny models: fp32 logits and greedy tokens match Transformers", "[exe
     const auto got = fwd.forward(prompt, 1, cache, ex::logits_mode::all);
     CHECK(max_abs_diff(got, expect_all) <= 1e-4f);
   }
-  SECTION("prefill of 3, then one position at a time through the KV cache") {
-    auto cache = fwd.make_cache(1, 64);
-    auto got = fwd.forward(std::span(prompt).first(3), 1, cache, ex::logits_mode::last);
-    CHECK(max_abs_diff(got, std::span(expect_all).subspan(2 * V, V)) <= 1e-4f);
-    for (std::size_t t = 3; t < prompt.size(); ++t) {
-      got = fwd.forward(std::span(prompt).subspan(t, 1), 1, cache, ex::logits_mode::last);
-      CHECK(max_abs_diff(got, std::span(expect_all).subspan(t * V, V)) <= 1e-4f);
-    }
-    CHECK(cache.length() == static_cast<std::int64_t>(prompt.size()));
-  }
-  SECTION("a batch of two equal-length prompts") {
-    std::vector<std::int64_t> flat;
-    for (const auto& row : fx["batch_prompts"]) {
-      const auto r = ids_of(row);
-      flat.insert(flat.end(), r.begin(), r.end());
-    }
-    auto cache = fwd.make_cache(2, 16);
-    const auto got = fwd.forward(flat, 2, cache, ex::logits_mode::last);
-    CHECK(max_abs_diff(got, b64_floats(fx["batch_last_logits"]["f32le_b64"])) <= 1e-4f);
-  }
-  SECTION("32 greedy tokens") {
-    const auto out = fwd.generate(prompt, 1, greedy_options(32));
-    CHECK(out.at(0) == ids_of(fx["greedy_32"]));
-  }
-  SECTION("generation stops after the first EOS token") {
-    const auto greedy = ids_of(fx["greedy_32"]);
-    const std::int64_t eos = greedy[10];
-    const auto first =
-        static_cast<std::size_t>(std::find(greedy.begin(), greedy.end(), eos) - greedy.begin());
-    const auto out = fwd.generate(prompt, 1, greedy_options(32, {eos}));
-    CHECK(out.at(0) ==
-          std::vector<std::int64_t>(greedy.begin(),
-                                    greedy.begin() + static_cast<std::ptrdiff_t>(first) + 1));
-  }
+  stowage_test::check_forward_contract(fwd, fx, V, 1e-4f);
 }
 
 TEST_CASE(

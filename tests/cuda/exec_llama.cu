@@ -20,6 +20,7 @@
 // - streamed vs resident: the same kernels on the same bytes, so identical logits (1e-6 only
 //   to allow cuBLAS another algorithm for another pointer alignment).
 #include "cuda_test_main.hpp"
+#include "support/forward_contract.hpp"
 #include "support/tiny_fixture.hpp"
 
 #include <stowage/exec/cuda/llama_forward.cuh>
@@ -88,40 +89,7 @@ TEST_CASE("cuda forward: fp32 tiny models give the CPU's and Transformers' logit
     CHECK(max_abs_diff(got, cpu_fwd.forward(prompt, 1, ccache, ex::logits_mode::all)) <= f32_tol);
     CHECK(cache.length() == static_cast<std::int64_t>(prompt.size()));
   }
-  SECTION("prefill of 3, then one position at a time through the KV cache") {
-    auto cache = fwd.make_cache(1, 64);
-    auto got = fwd.forward(std::span(prompt).first(3), 1, cache, ex::logits_mode::last);
-    CHECK(max_abs_diff(got, std::span(expect_all).subspan(2 * V, V)) <= f32_tol);
-    for (std::size_t t = 3; t < prompt.size(); ++t) {
-      got = fwd.forward(std::span(prompt).subspan(t, 1), 1, cache, ex::logits_mode::last);
-      INFO("position " << t);
-      CHECK(max_abs_diff(got, std::span(expect_all).subspan(t * V, V)) <= f32_tol);
-    }
-  }
-  SECTION("a batch of two equal-length prompts") {
-    std::vector<std::int64_t> flat;
-    for (const auto& row : fx["batch_prompts"]) {
-      const auto r = ids_of(row);
-      flat.insert(flat.end(), r.begin(), r.end());
-    }
-    auto cache = fwd.make_cache(2, 16);
-    const auto got = fwd.forward(flat, 2, cache, ex::logits_mode::last);
-    CHECK(max_abs_diff(got, b64_floats(fx["batch_last_logits"]["f32le_b64"])) <= f32_tol);
-  }
-  SECTION("32 greedy tokens (argmax on the device)") {
-    const auto out = fwd.generate(prompt, 1, greedy_options(32));
-    CHECK(out.at(0) == ids_of(fx["greedy_32"]));
-  }
-  SECTION("generation stops after the first EOS token") {
-    const auto greedy = ids_of(fx["greedy_32"]);
-    const std::int64_t eos = greedy[10];
-    const auto first =
-        static_cast<std::size_t>(std::find(greedy.begin(), greedy.end(), eos) - greedy.begin());
-    const auto out = fwd.generate(prompt, 1, greedy_options(32, {eos}));
-    CHECK(out.at(0) ==
-          std::vector<std::int64_t>(greedy.begin(),
-                                    greedy.begin() + static_cast<std::ptrdiff_t>(first) + 1));
-  }
+  stowage_test::check_forward_contract(fwd, fx, V, f32_tol);
   SECTION("seeded sampling draws the CPU's tokens from the same logits") {
     auto o = greedy_options(8);
     o.sampling.do_sample = true;
