@@ -10,22 +10,32 @@
 //       device_map {"": "cpu"}; reports seconds, checkpoint bytes read, GB/s, the bytes of
 //       resident weights and this process's peak RSS (getrusage) before and after loading;
 //       --thp 0 turns load_options::transparent_huge_pages off.
+//   load_bench --phases CHECKPOINT_DIR [--threads N]
+//       the physical pieces of a converting load, each alone, best of 5 on N threads: faulting
+//       in fresh huge pages for half the checkpoint's bytes (what a bf16 load of an fp32
+//       checkpoint allocates; MADV_POPULATE_WRITE, zeroing included), and reading every
+//       safetensors file once through its mapping (16 MiB chunks, dropped after each) and with
+//       pread into a 256 KiB buffer; seconds and GB/s of the bytes each handles.
 // Google Benchmark's runner is not used: each measurement is one cold-process run, which is
 // what peak RSS needs.
 #include <stowage/dispatch/load.hpp>
 #include <stowage/models/llama.hpp>
 #include <stowage/precision/floating.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 namespace {
 
@@ -90,20 +100,115 @@ int memcpy_bench(std::size_t bytes, unsigned threads) {
   return 0;
 }
 
+/// Runs `work(task)` for tasks [0, n) on `threads` threads (shared counter); seconds.
+template <class Work>
+double run_tasks(std::size_t n, unsigned threads, Work&& work) {
+  std::atomic<std::size_t> next{0};
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<std::thread> pool;
+  for (unsigned t = 0; t < threads; ++t)
+    pool.emplace_back([&] {
+      for (std::size_t k; (k = next.fetch_add(1)) < n;) work(k);
+    });
+  for (auto& th : pool) th.join();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+int phases_bench(const std::string& dir, unsigned threads) {
+  struct file {
+    int fd;
+    std::size_t size;
+    const char* map;
+  };
+  std::vector<file> files;
+  std::size_t total = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    if (e.path().extension() != ".safetensors") continue;
+    const int fd = ::open(e.path().c_str(), O_RDONLY | O_CLOEXEC);
+    const auto size = static_cast<std::size_t>(e.file_size());
+    void* m = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
+    if (fd < 0 || m == MAP_FAILED) return 1;
+    files.push_back({fd, size, static_cast<const char*>(m)});
+    total += size;
+  }
+  constexpr std::size_t chunk = std::size_t{16} << 20, piece = std::size_t{256} << 10;
+  std::vector<std::pair<std::size_t, std::size_t>> tasks;  // file, offset
+  for (std::size_t f = 0; f < files.size(); ++f)
+    for (std::size_t o = 0; o < files[f].size; o += chunk) tasks.emplace_back(f, o);
+  std::atomic<std::uint64_t> sink{0};
+  auto sum = [](const char* p, std::size_t n) {
+    std::uint64_t s = 0;
+    for (std::size_t i = 0; i + 8 <= n; i += 8) {
+      std::uint64_t v;
+      std::memcpy(&v, p + i, 8);
+      s += v;
+    }
+    return s;
+  };
+  double mapped = 1e30, preads = 1e30, fault = 1e30;
+  for (int rep = 0; rep < 5; ++rep) {
+    mapped = std::min(mapped, run_tasks(tasks.size(), threads, [&](std::size_t k) {
+                        const auto& [f, o] = tasks[k];
+                        const std::size_t n = std::min(chunk, files[f].size - o);
+                        sink += sum(files[f].map + o, n);
+                        ::madvise(const_cast<char*>(files[f].map + o), n, MADV_DONTNEED);
+                      }));
+    preads = std::min(preads, run_tasks(tasks.size(), threads, [&](std::size_t k) {
+                        thread_local std::vector<char> buf(piece);
+                        const auto& [f, o] = tasks[k];
+                        const std::size_t n = std::min(chunk, files[f].size - o);
+                        for (std::size_t b = 0; b < n; b += piece) {
+                          const auto r = ::pread(files[f].fd, buf.data(), std::min(piece, n - b),
+                                                 static_cast<off_t>(o + b));
+                          if (r > 0) sink += sum(buf.data(), static_cast<std::size_t>(r));
+                        }
+                      }));
+    // Fresh huge pages for half the bytes (bf16 of fp32), 8 MiB per populate as the loader.
+    const std::size_t out = total / 2 / (std::size_t{2} << 20) * (std::size_t{2} << 20);
+    char* d = static_cast<char*>(
+        ::mmap(nullptr, out, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    if (d == MAP_FAILED) return 1;
+    ::madvise(d, out, MADV_HUGEPAGE);
+    const std::size_t step = std::size_t{8} << 20;
+    fault = std::min(fault, run_tasks((out + step - 1) / step, threads, [&](std::size_t k) {
+                       ::madvise(d + k * step, std::min(step, out - k * step), MADV_POPULATE_WRITE);
+                     }));
+    sink += static_cast<std::uint64_t>(d[out / 2]);
+    ::munmap(d, out);
+  }
+  std::printf(
+      "{\"mode\": \"phases\", \"bytes\": %zu, \"threads\": %u, \"read_mapped_seconds\": %.4f, "
+      "\"read_mapped_gbps\": %.3f, \"read_pread_seconds\": %.4f, \"read_pread_gbps\": %.3f, "
+      "\"fault_half_seconds\": %.4f, \"fault_gbps\": %.3f, \"sink\": %llu}\n",
+      total, threads, mapped, static_cast<double>(total) / mapped / 1e9, preads,
+      static_cast<double>(total) / preads / 1e9, fault,
+      static_cast<double>(total / 2) / fault / 1e9,
+      static_cast<unsigned long long>(sink.load() & 1));
+  for (const auto& f : files) {
+    ::munmap(const_cast<char*>(f.map), f.size);
+    ::close(f.fd);
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 2) {
     std::fprintf(stderr,
-                 "usage: load_bench --memcpy BYTES [--threads N] | CHECKPOINT_DIR [--dtype D] "
-                 "[--threads N] [--window B] [--thp 0|1]\n");
+                 "usage: load_bench --memcpy BYTES [--threads N] | --phases CHECKPOINT_DIR "
+                 "[--threads N] | CHECKPOINT_DIR [--dtype D] [--threads N] [--window B] "
+                 "[--thp 0|1]\n");
     return 2;
   }
   unsigned threads = 2;
   std::string dtype_name = "bfloat16";
   std::size_t window = std::size_t{64} << 20;
   bool thp = true;
-  for (int i = 2; i + 1 < argc; i += 2) {
+  // Options follow the mode's operands: one for a checkpoint, two for --memcpy / --phases.
+  const bool two_operands = std::string(argv[1]).rfind("--", 0) == 0;
+  if (two_operands && argc < 3) return 2;
+  for (int i = two_operands ? 3 : 2; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
     if (k == "--threads") threads = static_cast<unsigned>(std::stoul(argv[i + 1]));
     if (k == "--dtype") dtype_name = argv[i + 1];
@@ -111,6 +216,7 @@ int main(int argc, char** argv) {
     if (k == "--thp") thp = std::string(argv[i + 1]) != "0";
   }
   if (std::string(argv[1]) == "--memcpy") return memcpy_bench(std::stoull(argv[2]), threads);
+  if (std::string(argv[1]) == "--phases") return phases_bench(argv[2], threads);
   try {
     const std::string dir = argv[1];
     const auto cfg = stowage::models::llama_config::from_file(dir + "/config.json");

@@ -14,10 +14,12 @@
 
 #include <unistd.h>
 #include <algorithm>
+#include <bit>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -562,5 +564,84 @@ TEST_CASE("a checkpoint that shrinks under the loader is an io_error naming file
     // Restore the file for the next round.
     fs::remove(ckpt);
     fs::copy_file(load_dir / "f1_st" / "model.safetensors", ckpt);
+  }
+}
+
+namespace {
+
+/// Stand-in for detail::huge_window_test: says "huge" for the windows `pick` selects (by the
+/// window's index in the mapping), so each path of convert_mapped_chunk can be forced.
+struct forced_windows {
+  std::function<bool(std::size_t)> pick;
+  mutable std::size_t asked = 0;
+  bool huge(const std::byte* p, const std::byte* base, std::size_t) const {
+    ++asked;
+    return pick(static_cast<std::size_t>(p - base) / (std::size_t{2} << 20));
+  }
+};
+
+}  // namespace
+
+TEST_CASE("converting host loads read each 2 MiB window through the mapping or pread, same bits",
+          "[load][convert]") {
+  temp_dir tmp("windows");
+  // 5 MiB + 12 bytes of float32 at an odd file offset (data start + 3): elements straddle
+  // every 2 MiB window boundary of the mapping, the last window is partial.
+  const std::size_t n = (std::size_t{5} << 18) + 3;
+  auto bytes = pattern_bytes<std::uint32_t>(n, 5);
+  // Rounding ties, denormals, infinities and NaNs too.
+  const std::uint32_t edges[] = {0x3f808000u, 0x3f818000u, 0x00008000u, 0x80018000u,
+                                 0x7f7f8000u, 0x7f800000u, 0xff800001u, 0x7fc00000u};
+  for (std::size_t i = 0; i < std::size(edges); ++i)
+    std::memcpy(bytes.data() + 4 * (i * 99991 % n), &edges[i], 4);
+  const fs::path ckpt = tmp.path / "model.safetensors";
+  write_st(ckpt, {{"pad", "U8", {3}, {std::byte{1}, std::byte{2}, std::byte{3}}},
+                  {"big", "F32", {static_cast<std::int64_t>(n)}, bytes}});
+  const checkpoint::mapped_file f(ckpt);
+  std::uint64_t header = 0;
+  std::memcpy(&header, f.data(), 8);
+  const std::uint64_t offset = 8 + header + 3;
+  std::vector<std::uint16_t> expected(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    std::uint32_t u;
+    std::memcpy(&u, bytes.data() + 4 * i, 4);
+    expected[i] = precision::fp32_to_bf16_bits(std::bit_cast<float>(u));
+  }
+  const std::vector<std::pair<const char*, std::function<bool(std::size_t)>>> choices{
+      {"all mapped", [](std::size_t) { return true; }},
+      {"all pread", [](std::size_t) { return false; }},
+      {"even windows mapped", [](std::size_t w) { return w % 2 == 0; }},
+      {"odd windows mapped", [](std::size_t w) { return w % 2 == 1; }},
+  };
+  for (const auto& [what, pick] : choices) {
+    // Whole tensor in one call, then in pieces the way chunks split it (odd element counts).
+    for (const std::uint64_t piece : {std::uint64_t{n}, std::uint64_t{300001}}) {
+      INFO(what << ", pieces of " << piece << " elements");
+      std::vector<std::uint16_t> out(n + 3, 0xabcd);
+      std::vector<std::byte> staging;
+      const forced_windows windows{pick};
+      for (std::uint64_t b = 0; b < n; b += piece) {
+        const std::uint64_t m = std::min<std::uint64_t>(piece, n - b);
+        detail::convert_mapped_chunk(f, f.data() + offset + 4 * b, offset + 4 * b, dtype::float32,
+                                     reinterpret_cast<std::byte*>(out.data() + b), dtype::bfloat16,
+                                     m, windows, staging);
+      }
+      CHECK(windows.asked >= 3);
+      CHECK(std::equal(expected.begin(), expected.end(), out.begin()));
+      CHECK(out[n] == 0xabcd);
+    }
+  }
+  // A file cut after it was mapped: a pread window reports the end of file with the offset.
+  fs::resize_file(ckpt, offset + 4 * 1000);
+  std::vector<std::uint16_t> out(n);
+  std::vector<std::byte> staging;
+  try {
+    detail::convert_mapped_chunk(f, f.data() + offset, offset, dtype::float32,
+                                 reinterpret_cast<std::byte*>(out.data()), dtype::bfloat16, n,
+                                 forced_windows{[](std::size_t) { return false; }}, staging);
+    FAIL("no error");
+  } catch (const io_error& e) {
+    CHECK(e.path() == ckpt.string());
+    CHECK_THAT(e.what(), Catch::Matchers::Contains("unexpected end of file"));
   }
 }

@@ -3,11 +3,14 @@
 // model. Every tensor goes straight from the checkpoint into the storage backend its device-map
 // entry names (longest dotted prefix; "" covers all), converted on the way, chunk by chunk on
 // several threads. Tensors bound for host memory are read with pread straight into the
-// destination when the dtype is unchanged, else converted from the memory mapping, whose pages
-// are dropped chunk by chunk (the page cache's large folios map as 2 MiB pages: cheaper than
-// pread's extra copy of every byte). The destination, one 2 MiB-aligned arena for all host
-// tensors (storage::host_arena), is faulted in a chunk at a time (MADV_POPULATE_WRITE), on
-// transparent huge pages by default. Other paths (GPU, disk, quantize-on-load) also read the
+// destination when the dtype is unchanged, else converted 2 MiB source window by window: from
+// the memory mapping where the page cache maps the window as one huge page (a file written in
+// large pieces sits in 2 MiB folios: one fault per 2 MiB, no copy), else through pread into a
+// small cache-resident staging buffer (small folios would map and unmap 4 KiB at a time, which
+// costs more than pread's copy); mapped pages are dropped chunk by chunk. The destination, one
+// 2 MiB-aligned arena for all host tensors (storage::host_arena), is faulted in a chunk at a
+// time (MADV_POPULATE_WRITE), on transparent huge pages by default, and written with
+// non-temporal stores. Other paths (GPU, disk, quantize-on-load) also read the
 // mapping and drop each chunk's source pages as soon as it is done. Either way peak memory stays
 // at the resident weights plus a bounded staging window whatever the checkpoint size.
 //
@@ -64,6 +67,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -88,6 +92,7 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 namespace stowage {
@@ -335,11 +340,15 @@ inline void write_all_at(int fd, const std::byte* p, std::size_t n, std::uint64_
 
 /// Converts `n` elements like precision::convert_elements (same bits: RNE, NaN -> 0xffff for
 /// bfloat16); float32 -> bfloat16, the conversion every bf16 load of an fp32 checkpoint runs
-/// over all its bytes, goes straight through the (AVX2 where available) bulk loop.
-inline void convert_chunk(const std::byte* src, dtype from, std::byte* dst, dtype to,
-                          std::size_t n) {
+/// over all its bytes, goes straight through the (AVX2 where available) bulk loop, with
+/// non-temporal stores when `streaming` (a host destination nobody reads during the load).
+inline void convert_chunk(const std::byte* src, dtype from, std::byte* dst, dtype to, std::size_t n,
+                          bool streaming = false) {
   if (from == dtype::float32 && to == dtype::bfloat16) {
-    precision::fp32_to_bf16_bytes(src, dst, n);
+    if (streaming)
+      precision::fp32_to_bf16_bytes_streaming(src, dst, n);
+    else
+      precision::fp32_to_bf16_bytes(src, dst, n);
     return;
   }
   precision::convert_elements(src, from, dst, to, n);
@@ -455,6 +464,111 @@ inline void drop_pages(const std::byte* p, std::size_t n) noexcept {
   const auto a = reinterpret_cast<std::uintptr_t>(p) / page * page;
   const auto b = reinterpret_cast<std::uintptr_t>(p) + n;
   ::madvise(reinterpret_cast<void*>(a), b - a, MADV_DONTNEED);
+}
+
+/// Whether the byte at `offset` of the file open as `fd` is in the page cache: a one-byte
+/// preadv2 with RWF_NOWAIT, which fails instead of reading from the disk (unlike mincore it
+/// answers for files the caller may not write). False where the kernel cannot tell; the caller
+/// then issues its read-ahead hint as if the byte were not cached.
+inline bool byte_cached(int fd, std::uint64_t offset) noexcept {
+#if defined(RWF_NOWAIT)
+  char b = 0;
+  ::iovec v{&b, 1};
+  return ::preadv2(fd, &v, 1, static_cast<off_t>(offset), RWF_NOWAIT) == 1;
+#else
+  (void)fd;
+  (void)offset;
+  return false;
+#endif
+}
+
+/// Tells, for each 2 MiB window of a checkpoint mapping, whether the page cache maps it as one
+/// huge page. ext4 keeps a file written in large pieces (save_pretrained) in 2 MiB folios, which
+/// map with one PMD per window: converting straight from the mapping then costs one fault per
+/// 2 MiB. A file read in from disk may sit in small folios (readahead-sized), which map 4 KiB
+/// at a time: mapping and unmapping every page then costs more than pread copying it into a
+/// small cache-resident staging buffer. The test maps one page of the window
+/// (MADV_POPULATE_READ, which maps the whole folio's PMD when there is one) and asks
+/// /proc/self/pagemap whether a page at least 1 MiB away, farther than any fault-around, is
+/// mapped too. It never affects what is read, only how; without pagemap every window reads
+/// through the mapping.
+class huge_window_test {
+ public:
+  static constexpr std::uintptr_t window = std::uintptr_t{2} << 20;
+  huge_window_test() : fd_(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)) {}
+  huge_window_test(const huge_window_test&) = delete;
+  huge_window_test& operator=(const huge_window_test&) = delete;
+  ~huge_window_test() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  bool available() const noexcept { return fd_ >= 0; }
+  /// Whether the window holding `p` maps as a huge page; `base`/`size`: the whole mapping.
+  bool huge(const std::byte* p, const std::byte* base, std::size_t size) const noexcept {
+#if defined(MADV_POPULATE_READ)
+    if (fd_ < 0) return true;
+    const auto page = static_cast<std::uintptr_t>(storage::detail::page_size());
+    const auto a = reinterpret_cast<std::uintptr_t>(p);
+    const auto lo = reinterpret_cast<std::uintptr_t>(base);
+    const std::uintptr_t w = a / window * window;
+    // Only a window wholly inside the mapping can be a PMD.
+    if (w < lo || w + window > lo + size) return false;
+    ::madvise(reinterpret_cast<void*>(a / page * page), static_cast<std::size_t>(page),
+              MADV_POPULATE_READ);
+    const std::uintptr_t far = a - w < window / 2 ? w + window - page : w;
+    std::uint64_t entry = 0;
+    if (::pread(fd_, &entry, sizeof entry, static_cast<off_t>(far / page * sizeof entry)) !=
+        static_cast<::ssize_t>(sizeof entry))
+      return true;
+    return (entry >> 63) != 0;  // bit 63: page present
+#else
+    (void)p;
+    (void)base;
+    (void)size;
+    return true;
+#endif
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+/// Converts `count` elements of a checkpoint tensor held in mapping `f` (from `src`, at
+/// `file_offset`) into fresh host memory at `dst`, one 2 MiB source window at a time: a window
+/// the page cache maps as a huge page is converted straight from the mapping, any other is
+/// pread through `staging` (256 KiB, so it stays in cache). Stores are non-temporal: nothing
+/// reads the destination during the load. `windows`: huge_window_test, or a test's stand-in.
+template <class WindowTest>
+  requires requires(const WindowTest& w, const std::byte* p, std::size_t n) {
+    { w.huge(p, p, n) } -> std::convertible_to<bool>;
+  }
+void convert_mapped_chunk(const checkpoint::mapped_file& f, const std::byte* src,
+                          std::uint64_t file_offset, dtype from, std::byte* dst, dtype to,
+                          std::uint64_t count, const WindowTest& windows,
+                          std::vector<std::byte>& staging) {
+  const std::size_t in_es = element_size(from), out_es = element_size(to);
+  const std::uint64_t per = std::max<std::uint64_t>(1, (std::uint64_t{256} << 10) / in_es);
+  while (count > 0) {
+    const auto a = reinterpret_cast<std::uintptr_t>(src);
+    const std::uintptr_t end = (a / huge_window_test::window + 1) * huge_window_test::window;
+    // The elements that start in this window (the last one may run into the next).
+    const std::uint64_t n = std::min<std::uint64_t>(count, (end - a + in_es - 1) / in_es);
+    if (windows.huge(src, f.data(), f.size())) {
+      convert_chunk(src, from, dst, to, static_cast<std::size_t>(n), true);
+    } else {
+      if (staging.size() < per * in_es) staging.resize(static_cast<std::size_t>(per * in_es));
+      for (std::uint64_t b = 0; b < n; b += per) {
+        const std::uint64_t m = std::min(per, n - b);
+        pread_exact(f.fd(), staging.data(), static_cast<std::size_t>(m * in_es),
+                    file_offset + b * in_es, f.path());
+        convert_chunk(staging.data(), from, dst + b * out_es, to, static_cast<std::size_t>(m),
+                      true);
+      }
+    }
+    src += n * in_es;
+    dst += n * out_es;
+    file_offset += n * in_es;
+    count -= n;
+  }
 }
 
 inline std::string tensor_list(const std::vector<std::string>& v) {
@@ -1048,6 +1162,7 @@ inline loaded_weights load_checkpoint_in_model(const module_tree& tree,
   // ---- 8. Copy: chunks of every tensor, in file order, across worker threads. ---------------
   detail::huge_page_probe huge_probe;
   huge_probe.active.store(opts.transparent_huge_pages);
+  const detail::huge_window_test windows;
   // Populates a host destination chunk; while the probe runs, times it, and on a slow verdict
   // turns huge pages off for every host storage (what is already faulted in stays as it is).
   auto populate_host = [&](std::byte* p, std::size_t n) {
@@ -1147,15 +1262,20 @@ inline loaded_weights load_checkpoint_in_model(const module_tree& tree,
         const auto in_n = static_cast<std::size_t>(t.count * in_es);
         const auto out_n =
             static_cast<std::size_t>(four_bit ? (t.count + 1) / 2 : t.count * out_es);
-        // Read ahead: the next chunk this worker is likely to take.
+        // Read ahead: the next chunk this worker is likely to take, unless its first and last
+        // pages are in the page cache already (a warm checkpoint: the hint would only walk the
+        // cache, ~13% of a warm load's CPU).
         if (k + threads < tasks.size()) {
           const auto& nt = tasks[k + threads];
           const auto& ni = *items[nt.item];
-          if (ni.source.zero_copy() && ni.source.file) {
+          if (ni.source.zero_copy() && ni.source.file && nt.count > 0) {
             const std::size_t nes = element_size(ni.source.desc.dtype);
-            ni.source.file->advise(checkpoint::access_hint::will_need,
-                                   ni.source.file_offset + nt.begin * nes,
-                                   static_cast<std::size_t>(nt.count * nes));
+            const std::uint64_t first = ni.source.file_offset + nt.begin * nes;
+            const auto bytes = static_cast<std::size_t>(nt.count * nes);
+            const int nfd = ni.source.file->fd();
+            if (nfd < 0 || !detail::byte_cached(nfd, first) ||
+                !detail::byte_cached(nfd, first + bytes - 1))
+              ni.source.file->advise(checkpoint::access_hint::will_need, first, bytes);
           }
         }
         if (quantized) {
@@ -1205,12 +1325,20 @@ inline loaded_weights load_checkpoint_in_model(const module_tree& tree,
                 detail::pread_exact(it.source.file->fd(), dst, in_n,
                                     it.source.file_offset + t.begin * in_es,
                                     it.source.file->path());
+              } else if (it.source.zero_copy() && it.source.file && it.source.file->fd() >= 0 &&
+                         windows.available()) {
+                detail::check_still_mapped(it.source.file->fd(), in_n,
+                                           it.source.file_offset + t.begin * in_es,
+                                           it.source.file->path());
+                detail::convert_mapped_chunk(*it.source.file, src,
+                                             it.source.file_offset + t.begin * in_es, from, dst, to,
+                                             t.count, windows, staging);
               } else {
                 if (it.source.zero_copy() && it.source.file)
                   detail::check_still_mapped(it.source.file->fd(), in_n,
                                              it.source.file_offset + t.begin * in_es,
                                              it.source.file->path());
-                detail::convert_chunk(src, from, dst, to, static_cast<std::size_t>(t.count));
+                detail::convert_chunk(src, from, dst, to, static_cast<std::size_t>(t.count), true);
               }
               break;
             }

@@ -6,13 +6,15 @@
 // Widening (fp16/bf16 -> fp32) is exact. The bulk loops are branch-light so the compiler can
 // vectorise them; with F16C available the float16 loops use the hardware instructions, which
 // give the same bits; float32 -> bfloat16 uses an AVX2 loop where the CPU has AVX2 (runtime
-// check, so baseline builds stay portable), same arithmetic, same bits.
+// check, so baseline builds stay portable), same arithmetic, same bits, also in a form with
+// non-temporal stores for large destinations (fp32_to_bf16_bytes_streaming; a checkpoint load).
 #pragma once
 
 #include <stowage/config.hpp>
 #include <stowage/core/dtype.hpp>
 #include <stowage/core/error.hpp>
 
+#include <algorithm>
 #include <bit>
 #include <cstddef>
 #include <cstdint>
@@ -106,13 +108,28 @@ inline void fp32_to_bf16_bytes_portable(const std::byte* src, std::byte* dst,
 /// AVX2 form of the same arithmetic, 16 elements per step: (u + 0x7fff + lsb) >> 16, NaN lanes
 /// forced to 0xffff by OR-ing the compare mask's low half; packus keeps every value (all are
 /// <= 0xffff) and the permute undoes its lane interleave. Used only where the CPU has AVX2
-/// (runtime check), so a baseline build still runs everywhere.
-__attribute__((target("avx2"))) inline void fp32_to_bf16_bytes_avx2(const std::byte* src,
-                                                                    std::byte* dst,
-                                                                    std::size_t n) noexcept {
+/// (runtime check), so a baseline build still runs everywhere. `Stream`: non-temporal stores
+/// (the destination's head is converted up to a 32-byte boundary first, an sfence ends the
+/// loop), for a large destination that is not read back soon: a load writing freshly faulted
+/// memory skips the read-for-ownership of every line the kernel has just zeroed and evicted.
+template <bool Stream>
+__attribute__((target("avx2"))) inline void fp32_to_bf16_bytes_avx2_loop(const std::byte* src,
+                                                                         std::byte* dst,
+                                                                         std::size_t n) noexcept {
   const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
   const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
   std::size_t i = 0;
+  if constexpr (Stream) {
+    // An odd destination address never reaches a 32-byte boundary in whole elements: such a
+    // call takes ordinary stores throughout.
+    const auto addr = reinterpret_cast<std::uintptr_t>(dst);
+    if (addr % 2 != 0) {
+      fp32_to_bf16_bytes_avx2_loop<false>(src, dst, n);
+      return;
+    }
+    i = std::min<std::size_t>(n, ((32 - addr % 32) % 32) / 2);
+    fp32_to_bf16_bytes_portable(src, dst, i);
+  }
   for (; i + 16 <= n; i += 16) {
     const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 4 * i));
     const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 4 * i + 32));
@@ -129,10 +146,21 @@ __attribute__((target("avx2"))) inline void fp32_to_bf16_bytes_avx2(const std::b
     const __m256i nb =
         _mm256_srli_epi32(_mm256_cmpgt_epi32(_mm256_and_si256(b, abs_mask), inf), 16);
     const __m256i packed = _mm256_packus_epi32(_mm256_or_si256(ra, na), _mm256_or_si256(rb, nb));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * i),
-                        _mm256_permute4x64_epi64(packed, 0xd8));
+    if constexpr (Stream)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + 2 * i),
+                          _mm256_permute4x64_epi64(packed, 0xd8));
+    else
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * i),
+                          _mm256_permute4x64_epi64(packed, 0xd8));
   }
-  fp32_to_bf16_bytes_portable(src + 4 * i, dst + 2 * i, n - i);
+  if constexpr (Stream) _mm_sfence();
+  if (i < n) fp32_to_bf16_bytes_portable(src + 4 * i, dst + 2 * i, n - i);
+}
+
+__attribute__((target("avx2"))) inline void fp32_to_bf16_bytes_avx2(const std::byte* src,
+                                                                    std::byte* dst,
+                                                                    std::size_t n) noexcept {
+  fp32_to_bf16_bytes_avx2_loop<false>(src, dst, n);
 }
 
 inline bool cpu_supports_avx2_for_bf16() noexcept {
@@ -150,6 +178,21 @@ inline void fp32_to_bf16_bytes(const std::byte* src, std::byte* dst, std::size_t
 #ifdef STOWAGE_HAS_AVX2_DISPATCH
   if (n >= 16 && detail::cpu_supports_avx2_for_bf16()) {
     detail::fp32_to_bf16_bytes_avx2(src, dst, n);
+    return;
+  }
+#endif
+  detail::fp32_to_bf16_bytes_portable(src, dst, n);
+}
+
+/// fp32_to_bf16_bytes with non-temporal stores where the CPU has AVX2 (same bits): for a large
+/// destination that nobody reads back soon, such as the fresh memory a checkpoint load fills.
+/// The stores bypass the cache, so the kernel-zeroed lines need not be read back first; do not
+/// use it for a buffer that is consumed right away (staging), which ordinary stores keep cached.
+inline void fp32_to_bf16_bytes_streaming(const std::byte* src, std::byte* dst,
+                                         std::size_t n) noexcept {
+#ifdef STOWAGE_HAS_AVX2_DISPATCH
+  if (n >= 16 && detail::cpu_supports_avx2_for_bf16()) {
+    detail::fp32_to_bf16_bytes_avx2_loop<true>(src, dst, n);
     return;
   }
 #endif
