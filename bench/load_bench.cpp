@@ -15,7 +15,8 @@
 //       in fresh huge pages for half the checkpoint's bytes (what a bf16 load of an fp32
 //       checkpoint allocates; MADV_POPULATE_WRITE, zeroing included), and reading every
 //       safetensors file once through its mapping (16 MiB chunks, dropped after each) and with
-//       pread into a 256 KiB buffer; seconds and GB/s of the bytes each handles.
+//       pread into a 256 KiB buffer; seconds and GB/s of the bytes each handles; and how many of
+//       the files' bytes the page cache maps as 2 MiB pages (FilePmdMapped).
 // Google Benchmark's runner is not used: each measurement is one cold-process run, which is
 // what peak RSS needs.
 #include <stowage/dispatch/load.hpp>
@@ -131,6 +132,22 @@ int phases_bench(const std::string& dir, unsigned threads) {
     files.push_back({fd, size, static_cast<const char*>(m)});
     total += size;
   }
+  // How much of the checkpoint the page cache holds in 2 MiB folios (maps as PMDs): the state
+  // that decides how cheaply a mapping reads it (a file written in large pieces is in 2 MiB
+  // folios; one read back from disk after eviction may not be). Measured once, every page
+  // mapped, then the mappings dropped again.
+  std::size_t pmd_bytes = 0;
+#if defined(MADV_POPULATE_READ)
+  for (const auto& f : files) ::madvise(const_cast<char*>(f.map), f.size, MADV_POPULATE_READ);
+#endif
+  if (std::FILE* sm = std::fopen("/proc/self/smaps_rollup", "r")) {
+    char line[256];
+    while (std::fgets(line, sizeof line, sm))
+      if (std::strncmp(line, "FilePmdMapped:", 14) == 0)
+        pmd_bytes = std::strtoull(line + 14, nullptr, 10) * 1024;
+    std::fclose(sm);
+  }
+  for (const auto& f : files) ::madvise(const_cast<char*>(f.map), f.size, MADV_DONTNEED);
   constexpr std::size_t chunk = std::size_t{16} << 20, piece = std::size_t{256} << 10;
   std::vector<std::pair<std::size_t, std::size_t>> tasks;  // file, offset
   for (std::size_t f = 0; f < files.size(); ++f)
@@ -179,10 +196,11 @@ int phases_bench(const std::string& dir, unsigned threads) {
   std::printf(
       "{\"mode\": \"phases\", \"bytes\": %zu, \"threads\": %u, \"read_mapped_seconds\": %.4f, "
       "\"read_mapped_gbps\": %.3f, \"read_pread_seconds\": %.4f, \"read_pread_gbps\": %.3f, "
-      "\"fault_half_seconds\": %.4f, \"fault_gbps\": %.3f, \"sink\": %llu}\n",
+      "\"fault_half_seconds\": %.4f, \"fault_gbps\": %.3f, \"pmd_mapped_bytes\": %zu, "
+      "\"sink\": %llu}\n",
       total, threads, mapped, static_cast<double>(total) / mapped / 1e9, preads,
       static_cast<double>(total) / preads / 1e9, fault,
-      static_cast<double>(total / 2) / fault / 1e9,
+      static_cast<double>(total / 2) / fault / 1e9, pmd_bytes,
       static_cast<unsigned long long>(sink.load() & 1));
   for (const auto& f : files) {
     ::munmap(const_cast<char*>(f.map), f.size);

@@ -17,6 +17,9 @@
    Every load is repeated --repeat times; the best time and the highest peak RSS are reported,
    and every time is listed. The 1-minute load average is printed before and after (the
    numbers mean little on a busy machine).
+   Also, once: load_bench --phases (the load's physical pieces alone: reading every file once,
+   faulting in fresh huge pages for the bf16 output, and the share of the checkpoint the page
+   cache holds in 2 MiB folios), whose sum is the floor no loader of these files goes below.
 3. Prints a Markdown table and a JSON summary (targets: >= 3x faster than accelerate, >= 60% of
    memcpy bandwidth, peak RSS <= resident weights + 256 MB).
 """
@@ -87,6 +90,10 @@ def main() -> int:
 
     load_before = os.getloadavg()[0]
     mem, _ = timed([a.bench, "--memcpy", str(1 << 30), "--threads", str(a.threads)])
+    # The physical pieces of the load, each alone (reading the checkpoint, faulting in the
+    # bf16 destination), and how much of the page cache sits in 2 MiB folios.
+    phases, _ = timed([a.bench, "--phases", a.checkpoint, "--threads", str(a.threads)])
+    floor = min(phases["read_mapped_seconds"], phases["read_pread_seconds"]) + phases["fault_half_seconds"]
     st_runs, st4k_runs, acc_runs = [], [], []
     for _ in range(a.repeat):
         warm(a.checkpoint)
@@ -127,6 +134,10 @@ def main() -> int:
         "fraction_of_memcpy": st_gbps / mem["gbps"],
         "fraction_of_memcpy_4k_pages": st4k_gbps / mem["gbps"],
         "stowage_rss_over_resident_mib": st_rss / 1024 - resident / 2**20,
+        "phases": phases,
+        "page_cache_pmd_fraction": phases["pmd_mapped_bytes"] / phases["bytes"],
+        "floor_seconds": floor,
+        "floor_fraction_of_memcpy": read / floor / 1e9 / mem["gbps"],
         "threads": a.threads,
     }
     print(json.dumps(summary, indent=1))
@@ -138,6 +149,11 @@ def main() -> int:
     print(f"| accelerate | {acc['seconds']:.3f} | {acc_gbps:.2f} | {acc_rss/1024:.0f} | {acc['resident_bytes']/2**20:.0f} |")
     print(f"| memcpy ({a.threads} threads), warm buffers | | {mem['gbps']:.2f} | | |")
     print(f"| memcpy into fresh memory, 4 KiB / huge pages | | {mem['fresh_gbps']:.2f} / {mem['fresh_huge_gbps']:.2f} | | |")
+    print(f"| floor: read the checkpoint once (best of mapping / pread) + fault in the bf16 destination | {floor:.3f} | {read / floor / 1e9:.2f} | | |")
+    print()
+    print(f"Page cache: {phases['pmd_mapped_bytes'] / phases['bytes']:.0%} of the checkpoint in 2 MiB folios; "
+          f"stowage = {st_gbps / mem['gbps']:.0%} of warm memcpy, {floor / st['seconds']:.0%} of the floor's speed; "
+          f"{acc['seconds'] / st['seconds']:.1f}x accelerate.")
     print(f"\nload average {load_before:.2f} -> {os.getloadavg()[0]:.2f}")
     print(f"speedup {summary['speedup']:.2f}x, {100*summary['fraction_of_memcpy']:.0f}% of memcpy "
           f"({100*summary['fraction_of_memcpy_4k_pages']:.0f}% with 4 KiB pages), "
