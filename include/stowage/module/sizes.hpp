@@ -137,28 +137,31 @@ class tree_index {
   static constexpr id none = ~id{0};
 
   explicit tree_index(const module_tree& t) : tree_(&t), layout_(t.layout()), n_(t.size()) {
-    // Parents and tensor numbering: copied from the tree's flat layout when it has one, else one
-    // pass over the nodes. Then (for a tree whose nodes were added in pre-order, as to_module_tree
-    // and the JSON reader add them) pre-order positions and subtree ends from a stack of the
-    // current path, reading only the parents.
+    // A tree built in pre-order (as to_module_tree and the JSON reader build one) keeps every
+    // array this index needs in its layout: borrowed, nothing is built. Otherwise parents and the
+    // tensor numbering come from the layout or one pass over the nodes, then pre-order positions
+    // and subtree ends from a stack of the current path (or a traversal).
+    if (layout_ && layout_->in_preorder && layout_->parent.size() == n_) {
+      if (n_ + layout_->tensors.size() >= none)
+        throw model_error("module tree: too many modules and tensors to plan (" +
+                          std::to_string(n_ + layout_->tensors.size()) + ")");
+      borrowed_ = true;
+      bind();
+      return;
+    }
     const auto& nodes = t.nodes();
     std::size_t next = 0;
+    parent_.resize(n_);
+    tbeg_.resize(n_ + 1);
+    tmid_.resize(n_);
     if (layout_) {
-      parent_.resize(n_);
-      tbeg_.resize(n_ + 1);
-      tmid_.resize(n_);
-      const auto* mods = layout_->modules.data();
       for (std::size_t i = 0; i < n_; ++i) {
-        parent_[i] = mods[i].parent;
-        tbeg_[i] = mods[i].first_tensor;
-        tmid_[i] = mods[i].first_buffer;
+        parent_[i] = layout_->parent[i];
+        tbeg_[i] = layout_->first_tensor[i];
+        tmid_[i] = layout_->first_buffer[i];
       }
       next = layout_->tensors.size();
-      tbeg_[n_] = static_cast<id>(next);
     } else {
-      parent_.resize(n_);
-      tbeg_.resize(n_ + 1);
-      tmid_.resize(n_);
       for (std::size_t i = 0; i < n_; ++i) {
         const auto& nd = nodes[i];
         parent_[i] = nd.parent == module_tree::npos ? none : static_cast<id>(nd.parent);
@@ -166,8 +169,8 @@ class tree_index {
         tmid_[i] = static_cast<id>(std::min<std::size_t>(next + nd.parameters.size(), none));
         next += nd.parameters.size() + nd.buffers.size();
       }
-      tbeg_[n_] = static_cast<id>(next);
     }
+    tbeg_[n_] = static_cast<id>(std::min<std::size_t>(next, none));
     if (n_ + next >= none)
       throw model_error("module tree: too many modules and tensors to plan (" +
                         std::to_string(n_ + next) + ")");
@@ -187,7 +190,6 @@ class tree_index {
       if (in_preorder)
         for (id i : path) end_[i] = static_cast<id>(n_);
     }
-    identity_ = in_preorder;
     if (!in_preorder) {
       order_.clear();
       for (std::size_t i : t.preorder()) order_.push_back(static_cast<id>(i));
@@ -199,56 +201,119 @@ class tree_index {
     } else {
       order_.resize(n_);
       for (std::size_t i = 0; i < n_; ++i) order_[i] = static_cast<id>(i);
-      pre_ = order_;
     }
     owner_.resize(next);
     for (std::size_t i = 0; i < n_; ++i)
       std::fill(owner_.begin() + tbeg_[i], owner_.begin() + tbeg_[i + 1], static_cast<id>(i));
+    identity_ = in_preorder;
+    bind();
   }
+  // The arrays may be the index's own or the tree layout's: copies point at their own.
+  tree_index(const tree_index& o)
+      : tree_(o.tree_),
+        layout_(o.layout_),
+        n_(o.n_),
+        borrowed_(o.borrowed_),
+        identity_(o.identity_),
+        order_(o.order_),
+        pre_(o.pre_),
+        end_(o.end_),
+        parent_(o.parent_),
+        tbeg_(o.tbeg_),
+        tmid_(o.tmid_),
+        owner_(o.owner_) {
+    bind();
+  }
+  tree_index& operator=(const tree_index& o) {
+    if (this != &o) {
+      tree_index c(o);
+      *this = std::move(c);
+    }
+    return *this;
+  }
+  tree_index(tree_index&& o) noexcept
+      : tree_(o.tree_),
+        layout_(o.layout_),
+        n_(o.n_),
+        borrowed_(o.borrowed_),
+        identity_(o.identity_),
+        order_(std::move(o.order_)),
+        pre_(std::move(o.pre_)),
+        end_(std::move(o.end_)),
+        parent_(std::move(o.parent_)),
+        tbeg_(std::move(o.tbeg_)),
+        tmid_(std::move(o.tmid_)),
+        owner_(std::move(o.owner_)) {
+    bind();
+  }
+  tree_index& operator=(tree_index&& o) noexcept {
+    tree_ = o.tree_;
+    layout_ = o.layout_;
+    n_ = o.n_;
+    borrowed_ = o.borrowed_;
+    identity_ = o.identity_;
+    order_ = std::move(o.order_);
+    pre_ = std::move(o.pre_);
+    end_ = std::move(o.end_);
+    parent_ = std::move(o.parent_);
+    tbeg_ = std::move(o.tbeg_);
+    tmid_ = std::move(o.tmid_);
+    owner_ = std::move(o.owner_);
+    bind();
+    return *this;
+  }
+  ~tree_index() = default;
 
   /// The nodes are in pre-order: position(m) == m and a subtree is the range [m, subtree_end(m)).
   bool preorder_is_identity() const noexcept { return identity_; }
   /// The tree's flat layout (module_tree::layout), or nullptr.
   const detail::tree_layout* layout() const noexcept { return layout_; }
+  /// The index borrows the layout's arrays (a tree built in pre-order): its aggregates and class
+  /// ids describe the same items.
+  bool borrows_layout() const noexcept { return borrowed_; }
   const module_tree& tree() const noexcept { return *tree_; }
   std::size_t modules() const noexcept { return n_; }
-  std::size_t tensors() const noexcept { return owner_.size(); }
-  std::size_t items() const noexcept { return n_ + owner_.size(); }
+  std::size_t tensors() const noexcept { return owner_v_->size(); }
+  std::size_t items() const noexcept { return n_ + owner_v_->size(); }
   /// Modules in pre-order (tree indices).
-  const std::vector<id>& preorder() const noexcept { return order_; }
+  const std::vector<id>& preorder() const noexcept { return *order_v_; }
 
   bool is_module(id x) const noexcept { return x < n_; }
   /// The module an item belongs to: itself for a module, the owner for a tensor.
-  id module_of(id x) const noexcept { return x < n_ ? x : owner_[x - n_]; }
+  id module_of(id x) const noexcept { return x < n_ ? x : owner_d_[x - n_]; }
   /// Items of module m's direct parameters: [first_parameter(m), first_buffer(m)).
-  id first_parameter(id m) const noexcept { return static_cast<id>(n_ + tbeg_[m]); }
-  id first_buffer(id m) const noexcept { return static_cast<id>(n_ + tmid_[m]); }
+  id first_parameter(id m) const noexcept { return static_cast<id>(n_ + tbeg_d_[m]); }
+  id first_buffer(id m) const noexcept { return static_cast<id>(n_ + tmid_d_[m]); }
   /// One past m's direct buffers.
-  id tensors_end(id m) const noexcept { return static_cast<id>(n_ + tbeg_[m + 1]); }
+  id tensors_end(id m) const noexcept { return static_cast<id>(n_ + tbeg_d_[m + 1]); }
   /// Module m has child modules.
-  bool has_children(id m) const noexcept { return end_[m] != position(m) + 1; }
-  bool is_buffer(id x) const noexcept { return x >= n_ && x >= first_buffer(owner_[x - n_]); }
+  bool has_children(id m) const noexcept { return subtree_end(m) != position(m) + 1; }
+  bool is_buffer(id x) const noexcept { return x >= n_ && x >= first_buffer(owner_d_[x - n_]); }
   const tensor_entry& tensor(id x) const {
-    const id m = owner_[x - n_];
+    const id m = owner_d_[x - n_];
     const auto& nd = tree_->nodes()[m];
     const std::size_t k = x - first_parameter(m);
     return k < nd.parameters.size() ? nd.parameters[k] : nd.buffers[k - nd.parameters.size()];
   }
 
   /// Per module: its parent (none for the root).
-  const std::vector<id>& parents() const noexcept { return parent_; }
+  const std::vector<id>& parents() const noexcept { return *parent_v_; }
   /// Per tensor (item - modules()): the module owning it.
-  const std::vector<id>& tensor_owners() const noexcept { return owner_; }
+  const std::vector<id>& tensor_owners() const noexcept { return *owner_v_; }
   /// The parent module, or none for the root.
-  id parent(id m) const noexcept { return parent_[m]; }
+  id parent(id m) const noexcept { return parent_d_[m]; }
   /// Pre-order position of module m.
-  id position(id m) const noexcept { return pre_[m]; }
+  id position(id m) const noexcept { return identity_ ? m : pre_[m]; }
   /// One past the pre-order position of the last module of m's subtree.
-  id subtree_end(id m) const noexcept { return end_[m]; }
+  id subtree_end(id m) const noexcept {
+    // A borrowed layout marks the subtrees still open (reaching the last module) with 0.
+    const id e = end_d_[m];
+    return e != 0 ? e : static_cast<id>(n_);
+  }
   /// Module b lies in module a's subtree (a included).
   bool in_subtree(id a, id b) const noexcept {
     const id pb = position(b);
-    return position(a) <= pb && pb < end_[a];
+    return position(a) <= pb && pb < subtree_end(a);
   }
   /// `x` is `a` or lies below it (a's dotted name covers x's).
   bool covers(id a, id x) const noexcept {
@@ -261,7 +326,7 @@ class tree_index {
   /// The dotted name of an item.
   std::string name(id x) const {
     if (x < n_) return tree_->nodes()[x].path;
-    return join_name(tree_->nodes()[owner_[x - n_]].path, tensor(x).name);
+    return join_name(tree_->nodes()[owner_d_[x - n_]].path, tensor(x).name);
   }
   /// The item of a module or tensor name.
   std::optional<id> find(std::string_view name) const {
@@ -274,11 +339,39 @@ class tree_index {
   }
 
  private:
+  void bind() noexcept {
+    if (borrowed_) {
+      order_v_ = &layout_->identity;
+      end_v_ = &layout_->subtree_end;
+      parent_v_ = &layout_->parent;
+      tbeg_v_ = &layout_->first_tensor;
+      tmid_v_ = &layout_->first_buffer;
+      owner_v_ = &layout_->owner;
+    } else {
+      order_v_ = &order_;
+      end_v_ = &end_;
+      parent_v_ = &parent_;
+      tbeg_v_ = &tbeg_;
+      tmid_v_ = &tmid_;
+      owner_v_ = &owner_;
+    }
+    end_d_ = end_v_->data();
+    parent_d_ = parent_v_->data();
+    tbeg_d_ = tbeg_v_->data();
+    tmid_d_ = tmid_v_->data();
+    owner_d_ = owner_v_->data();
+  }
+
   const module_tree* tree_;
   const detail::tree_layout* layout_;
   std::size_t n_;
-  bool identity_ = true;  // nodes are in pre-order: positions are the indices
+  bool borrowed_ = false;  // the arrays are the layout's
+  bool identity_ = true;   // nodes are in pre-order: positions are the indices
   std::vector<id> order_, pre_, end_, parent_, tbeg_, tmid_, owner_;
+  const std::vector<id>*order_v_ = nullptr, *end_v_ = nullptr, *parent_v_ = nullptr,
+        *tbeg_v_ = nullptr, *tmid_v_ = nullptr, *owner_v_ = nullptr;
+  const id *end_d_ = nullptr, *parent_d_ = nullptr, *tbeg_d_ = nullptr, *tmid_d_ = nullptr,
+           *owner_d_ = nullptr;
 };
 
 /// Sizes of every item of a tree_index, computed in one pass (no names involved).
@@ -428,10 +521,10 @@ inline item_sizes compute_item_sizes(const tree_index& ix,
       }
     }
     r.any_buffers = any_buffers;
-    const auto* mods = lay->modules.data();
+    const auto* first = lay->first_tensor.data();  // n + 1 entries
     byte_size biggest{};
     for (std::size_t i = 0; i < n; ++i) {
-      const bool owns = mods[i].first_tensor != (i + 1 < n ? mods[i + 1].first_tensor : nt);
+      const bool owns = first[i] != first[i + 1];
       counted[i] = owns;
       if (i != 0 && owns && size[i] > biggest) biggest = size[i];
     }
@@ -502,6 +595,121 @@ inline item_sizes compute_item_sizes(const tree_index& ix,
   detail::sum_item_sizes_up(ix, r);
   return r;
 }
+
+namespace detail {
+
+/// Item sizes as planning reads them, one at a time: from a table computed for every item
+/// (item_sizes), or, when the tree's layout aggregates apply (a tree built in pre-order, no ties,
+/// special dtypes or exact sizes), computed on demand from them: a module's size is its
+/// subtree's element count per size key times that key's size, a tensor's its count times its
+/// key's size, so a first plan never sizes the modules it does not visit. Both give the same
+/// values (flags included) for every item, and the same totals.
+class size_view {
+ public:
+  using id = tree_index::id;
+  /// Reads a computed table (kept alive by the caller).
+  explicit size_view(const item_sizes& s) noexcept
+      : full_(&s),
+        any_buffers_(s.any_buffers),
+        leaf_sum_(s.leaf_sum),
+        leaf_count_(s.leaf_count),
+        biggest_direct_(s.biggest_direct) {}
+  /// From the tree's aggregates, or nullopt when they do not apply (then compute_item_sizes).
+  static std::optional<size_view> from_aggregates(const tree_index& ix, std::optional<dtype> target,
+                                                  const special_dtypes& special, size_rule rule) {
+    const tree_layout* lay = ix.layout();
+    if (!lay || !ix.borrows_layout() || !lay->aggregates || !special.empty() ||
+        !ix.tree().tied_parameters().empty())
+      return std::nullopt;
+    size_view v;
+    v.lay_ = lay;
+    v.n_ = static_cast<id>(ix.modules());
+    v.keys_ = lay->key_count;
+    for (std::size_t k = 0; k < v.keys_; ++k) {
+      const auto [d, buffer] = lay->keys[k];
+      const tensor_entry unit{"", shape{1}, d, true};
+      v.slot_[k] = rule_tensor_size(unit, buffer, target, std::nullopt, rule).eighths();
+      const auto bit = static_cast<std::uint8_t>(1u << k);
+      if (v.slot_[k] % 8 != 0) v.float_mask_ = static_cast<std::uint8_t>(v.float_mask_ | bit);
+      if (buffer) v.buffer_mask_ = static_cast<std::uint8_t>(v.buffer_mask_ | bit);
+    }
+    // The modules still open (the newest and its ancestors) completed; the leaves among them
+    // join the finished ones.
+    tree_layout::counts leaves = lay->leaves;
+    v.leaf_count_ = lay->leaf_count;
+    v.open_.reserve(8);
+    bool ok = true;
+    ok = lay->for_each_open([&](id m, const tree_layout::counts& c, bool leaf) {
+      v.open_.emplace_back(m, c);
+      if (leaf) {
+        ok = leaves.add(c) && ok;
+        ++v.leaf_count_;
+      }
+    }) && ok;
+    if (!ok) return std::nullopt;
+    v.any_buffers_ = (v.counts_of(0).mask & v.buffer_mask_) != 0;
+    v.leaf_sum_ = v.of(leaves, 0xff);
+    // The largest direct size: the first module reaching it keeps its flag in the table; the
+    // planner reads only the value.
+    lay->for_each_direct([&](const tree_layout::counts& c) {
+      const byte_size b = v.of(c, 0xff);
+      if (b > v.biggest_direct_) v.biggest_direct_ = b;
+    });
+    return v;
+  }
+
+  /// An item's size: a module's subtree, a tensor's own.
+  byte_size size(id x) const noexcept {
+    if (full_) return full_->size[x];
+    if (x < n_) return of(counts_of(x), 0xff);
+    const auto& t = lay_->tensors[x - n_];
+    return byte_size::from_eighths(t.numel * slot_[t.key], ((float_mask_ >> t.key) & 1u) != 0);
+  }
+  /// The item has an entry in accelerate's name -> size map.
+  bool counted(id x) const noexcept {
+    if (full_) return full_->counted[x] != 0;
+    return x >= n_ || counts_of(x).mask != 0;
+  }
+  /// Bytes of the buffers in module m's subtree.
+  byte_size buffers(id m) const noexcept {
+    if (full_) return full_->buffers[m];
+    return of(counts_of(m), buffer_mask_);
+  }
+  bool any_buffers() const noexcept { return any_buffers_; }
+  byte_size leaf_sum() const noexcept { return leaf_sum_; }
+  std::int64_t leaf_count() const noexcept { return leaf_count_; }
+  byte_size biggest_direct() const noexcept { return biggest_direct_; }
+
+ private:
+  size_view() = default;
+  // A module's complete subtree counts: the layout's entry, or for a module still open (its
+  // subtree reaches the last module) the completed one.
+  const tree_layout::counts& counts_of(id m) const noexcept {
+    if (lay_->subtree_end[m] == 0)
+      for (const auto& [a, c] : open_)
+        if (a == m) return c;
+    return lay_->subtree[m];
+  }
+  byte_size of(const tree_layout::counts& c, std::uint8_t keys) const noexcept {
+    std::int64_t e = 0;
+    for (std::size_t k = 0; k < keys_; ++k)
+      if ((keys >> k) & 1u) e += c.numel[k] * slot_[k];
+    return byte_size::from_eighths(e, (c.mask & keys & float_mask_) != 0);
+  }
+  const item_sizes* full_ = nullptr;
+  const tree_layout* lay_ = nullptr;
+  std::vector<std::pair<id, tree_layout::counts>> open_;
+  id n_ = 0;
+  std::size_t keys_ = 0;
+  std::array<std::int64_t, tree_layout::max_keys> slot_{};
+  std::uint8_t float_mask_ = 0, buffer_mask_ = 0;
+  bool any_buffers_ = false;
+  byte_size leaf_sum_;
+  std::int64_t leaf_count_ = 0;
+  byte_size biggest_direct_;
+};
+
+}  // namespace detail
 
 /// accelerate's compute_module_sizes: the root "", every module owning counted tensors and every
 /// counted tensor. Parameters (deduplicated: a tie counts once, under its first name) come first,

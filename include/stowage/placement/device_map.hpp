@@ -49,7 +49,8 @@ class device_map {
     append(std::string(name), d);
   }
   /// Appends a key the caller knows is not in the map yet (the planner's output path).
-  void append_new(std::string name, device d) { append(std::move(name), d); }
+  void append_new(const std::string& name, device d) { append(name, d); }
+  void append_new(std::string&& name, device d) { append(std::move(name), d); }
   void reserve(std::size_t n) {
     entries_.reserve(n);
     if (slots_.size() < 2 * n) rehash(2 * n);
@@ -172,8 +173,36 @@ class device_map {
   // probing, at most half full), so adding a key allocates nothing but the key itself.
   static constexpr std::size_t npos_ = static_cast<std::size_t>(-1);
   static constexpr std::uint32_t empty_ = 0xffffffffu;
+  // Keys are short dotted names: a word at a time (the last word overlapping the one before),
+  // then a 64-bit finalizer so the low bits the table uses depend on every byte. std::hash's
+  // byte loop was a measurable share of planning.
   static std::size_t hash_of(std::string_view s) noexcept {
-    return std::hash<std::string_view>{}(s);
+    const char* p = s.data();
+    std::size_t n = s.size();
+    std::uint64_t h = 0x9e3779b97f4a7c15ull ^ n;
+    auto word = [](const char* q) {
+      std::uint64_t w;
+      std::memcpy(&w, q, sizeof w);
+      return w;
+    };
+    auto mix = [&h](std::uint64_t w) {
+      h = (h ^ w) * 0xbf58476d1ce4e5b9ull;
+      h ^= h >> 29;
+    };
+    if (n >= 8) {
+      const char* last = p + n - 8;
+      for (; p < last; p += 8) mix(word(p));
+      mix(word(last));
+    } else {
+      std::uint64_t w = 0;
+      for (std::size_t i = 0; i < n; ++i)
+        w |= static_cast<std::uint64_t>(static_cast<unsigned char>(p[i])) << (8 * i);
+      mix(w);
+    }
+    h ^= h >> 30;
+    h *= 0x94d049bb133111ebull;
+    h ^= h >> 31;
+    return static_cast<std::size_t>(h);
   }
   std::size_t lookup(std::string_view name) const noexcept {
     if (slots_.empty()) return npos_;
@@ -196,9 +225,10 @@ class device_map {
     slots_.assign(cap, empty_);
     for (std::size_t i = 0; i < entries_.size(); ++i) place(static_cast<std::uint32_t>(i));
   }
-  void append(std::string name, device d) {
+  template <class Name>
+  void append(Name&& name, device d) {
     if (entries_.size() >= 0xfffffffeu) throw device_map_error("device map: too many keys");
-    entries_.emplace_back(std::move(name), d);
+    entries_.emplace_back(std::forward<Name>(name), d);  // the key copied (or moved) once
     if (2 * entries_.size() > slots_.size())
       rehash(2 * entries_.size());
     else

@@ -21,7 +21,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cstdint>
+#include <cstring>
 #include <deque>
 #include <functional>
 #include <map>
@@ -212,7 +214,57 @@ struct plan_scratch {
   std::vector<char> mixed;
   std::vector<id> touched;
   std::vector<std::pair<std::uint32_t, id>> out;
+  // build_map_in_order: the stack of the current entry's ancestors and the output so far
+  struct map_frame {
+    id module;
+    std::uint32_t below, first, out_start;
+    device uniform;
+    bool mixed;
+  };
+  struct map_key {
+    std::uint32_t pos;
+    id item;
+    device target;
+  };
+  std::vector<map_frame> frames;
+  std::vector<map_key> keys;
+
+  /// Room for a typical plan (a few hundred entries), so a first plan does not grow every list
+  /// through a dozen reallocations.
+  void reserve() {
+    for (auto* v : {&queue, &max_names, &kids}) v->reserve(256);
+    placed.reserve(256);
+    frames.reserve(32);
+    keys.reserve(256);
+  }
 };
+
+/// Appends to `out` the positions of `value` in `bytes`, in order: eight bytes at a time, each
+/// word's matching bytes found exactly (a byte is zero after the xor iff its flag bit is set),
+/// so a no-split lookup over a thousand modules costs about a hundred word tests.
+inline void find_bytes(const std::vector<std::uint8_t>& bytes, std::uint8_t value,
+                       std::vector<tree_index::id>& out) {
+  const std::size_t n = bytes.size();
+  const std::uint8_t* p = bytes.data();
+  std::size_t i = 0;
+  if constexpr (std::endian::native == std::endian::little) {
+    constexpr std::uint64_t low7 = 0x7f7f7f7f7f7f7f7full;
+    const std::uint64_t splat = 0x0101010101010101ull * value;
+    for (; i + 8 <= n; i += 8) {
+      std::uint64_t w;
+      std::memcpy(&w, p + i, sizeof w);
+      const std::uint64_t v = w ^ splat;  // matching bytes are zero
+      std::uint64_t hit = ~(((v & low7) + low7) | v | low7);
+      while (hit != 0) {
+        out.push_back(
+            static_cast<tree_index::id>(i + static_cast<std::size_t>(std::countr_zero(hit)) / 8));
+        hit &= hit - 1;
+      }
+    }
+  }
+  for (; i < n; ++i)
+    if (p[i] == value) out.push_back(static_cast<tree_index::id>(i));
+}
 
 /// Entries derived once and then only read, shared by threads: lookups walk a published list
 /// without locking; adding (under the owner's mutex, after looking again) publishes a new head.
@@ -319,6 +371,32 @@ class plan_context {
         .value;
   }
 
+  /// The same sizes as planning reads them (detail::size_view): from the tree's aggregates
+  /// when they apply (nothing computed per item), else from sizes(...).
+  const detail::size_view& size_table(std::optional<stowage::dtype> d, const special_dtypes& sp,
+                                      size_rule rule, const std::optional<precision::bnb_config>& q,
+                                      quantized_size_estimate estimate,
+                                      std::string_view output_embeddings) {
+    shared& s = *data_;
+    auto match = [&](const view_entry& e) {
+      return e.target == d && e.rule == rule && e.special == sp &&
+             same(e.quant, q, estimate, output_embeddings);
+    };
+    if (const auto* e = s.views.find(match)) return e->value;
+    std::optional<detail::size_view> v;
+    if (!q) {
+      std::lock_guard<std::mutex> lock(s.mutex);
+      if (const auto* e = s.views.find(match)) return e->value;
+      v = detail::size_view::from_aggregates(s.index, d, sp, rule);
+    }
+    if (!v) v.emplace(sizes(d, sp, rule, q, estimate, output_embeddings));
+    std::lock_guard<std::mutex> lock(s.mutex);
+    if (const auto* e = s.views.find(match)) return e->value;
+    std::optional<quant_key> k;
+    if (q) k = quant_key{*q, estimate, std::string(output_embeddings)};
+    return s.views.add({d, sp, rule, std::move(k), *v}).value;
+  }
+
   /// Modules whose class is in a no-split list.
   struct split_info {
     std::vector<std::string> classes;
@@ -333,14 +411,22 @@ class plan_context {
     if (const auto* e = sh.splits.find(match)) return *e;
     split_info s{classes, std::vector<char>(sh.index.modules(), 0), {}};
     const detail::tree_layout* lay = sh.index.layout();
+    if (lay && sh.index.borrows_layout() && lay->classes_usable) {
+      // The tree interned class names as it was built: one byte per module is compared (in
+      // index order, which is pre-order here), no node is read.
+      std::vector<std::uint8_t> wanted;
+      for (const auto& c : classes)
+        if (const id k = lay->class_id(c); k != detail::tree_layout::none)
+          if (std::find(wanted.begin(), wanted.end(), k) == wanted.end())
+            wanted.push_back(static_cast<std::uint8_t>(k));
+      s.instances.reserve(128);
+      for (std::uint8_t k : wanted) detail::find_bytes(lay->class_of, k, s.instances);
+      if (wanted.size() > 1) std::sort(s.instances.begin(), s.instances.end());
+      for (id i : s.instances) s.flag[i] = 1;
+      return sh.splits.add(std::move(s));
+    }
     if (!classes.empty())
       for (id i : sh.index.preorder()) {
-        // With the layout, a node is read only when its class name has a no-split length.
-        if (lay && std::none_of(classes.begin(), classes.end(), [&](const std::string& c) {
-              const std::uint32_t k = lay->modules[i].class_size;
-              return k == ~std::uint32_t{0} || c.size() == k;
-            }))
-          continue;
         const auto& c = tree().nodes()[i].class_name;
         if (std::find(classes.begin(), classes.end(), c) != classes.end()) {
           s.flag[i] = 1;
@@ -373,6 +459,49 @@ class plan_context {
       }
     }
     return sh.maxima.add({&s, &ns, std::move(v)}).value;
+  }
+
+  /// The largest layer of each module's subtree (as layer_maxima), for the modules planning can
+  /// ask about only: the root's children and, below them, the children of every module planning
+  /// may split (one with children, not of a no-split class). Planning never looks further down,
+  /// so a first plan sizes a few dozen modules here, not the tree; the other entries are never
+  /// read (and never written).
+  struct layer_table {
+    const detail::size_view* sizes;
+    const split_info* split;
+    std::unique_ptr<std::int64_t[]> eighths;  // per module
+    std::unique_ptr<bool[]> is_float;
+    byte_size at(id m) const noexcept { return byte_size::from_eighths(eighths[m], is_float[m]); }
+  };
+  const layer_table& planning_layers(const detail::size_view& v, const split_info& ns) {
+    shared& sh = *data_;
+    auto match = [&](const layer_table& e) { return e.sizes == &v && e.split == &ns; };
+    if (const auto* e = sh.layers.find(match)) return *e;
+    std::lock_guard<std::mutex> lock(sh.mutex);
+    if (const auto* e = sh.layers.find(match)) return *e;
+    const tree_index& ix = sh.index;
+    const std::size_t n = ix.modules();
+    // Uninitialised on purpose: only the entries planning reads are written.
+    layer_table t{&v, &ns, std::unique_ptr<std::int64_t[]>(new std::int64_t[n]),
+                  std::unique_ptr<bool[]>(new bool[n])};
+    const auto& nodes = tree().nodes();
+    auto fill = [&](auto& self, id m) -> byte_size {
+      byte_size b{};
+      if (!ix.has_children(m) || ns.flag[m]) {
+        b = v.size(m);
+      } else if (ix.preorder_is_identity()) {
+        // Children in pre-order: m + 1, then each one's subtree end (no node is read).
+        for (id c = m + 1; c < ix.subtree_end(m); c = ix.subtree_end(c))
+          b = std::max(b, self(self, c));
+      } else {
+        for (std::size_t c : nodes[m].children) b = std::max(b, self(self, static_cast<id>(c)));
+      }
+      t.eighths[m] = b.eighths();
+      t.is_float[m] = b.is_float();
+      return b;
+    };
+    for (std::size_t c : nodes[0].children) fill(fill, static_cast<id>(c));
+    return sh.layers.add(std::move(t));
   }
 
   /// find_tied_parameters (names sorted in each group) and the same members as items.
@@ -422,6 +551,13 @@ class plan_context {
     std::optional<quant_key> quant;
     item_sizes value;
   };
+  struct view_entry {
+    std::optional<stowage::dtype> target;
+    special_dtypes special;
+    size_rule rule;
+    std::optional<quant_key> quant;
+    detail::size_view value;
+  };
   struct maxima_entry {
     const item_sizes* sizes;
     const split_info* split;
@@ -447,8 +583,10 @@ class plan_context {
     tree_index index;
     std::mutex mutex;  // serialises adding entries
     detail::append_only_list<sizes_entry> sizes;
+    detail::append_only_list<view_entry> views;
     detail::append_only_list<split_info> splits;
     detail::append_only_list<maxima_entry> maxima;
+    detail::append_only_list<layer_table> layers;
     detail::append_only_list<tie_info> ties;            // one entry once computed
     std::atomic<detail::plan_scratch*> spare{nullptr};  // one scratch space kept for reuse
   };
@@ -540,9 +678,10 @@ inline max_memory get_balanced_memory(plan_context& ctx, const max_memory& mm,
       if (report) report->info.push_back(detail::ninety_percent_note(first));
     }
   }
-  const item_sizes& sz = ctx.sizes(opt.dtype, opt.special_dtypes, size_rule::accelerate,
-                                   opt.quantization, opt.quantized_sizes, opt.output_embeddings);
-  const byte_size total = sz.size[0];
+  const detail::size_view& sz =
+      ctx.size_table(opt.dtype, opt.special_dtypes, size_rule::accelerate, opt.quantization,
+                     opt.quantized_sizes, opt.output_embeddings);
+  const byte_size total = sz.size(0);
   byte_size per_gpu = detail::floor_div(total, static_cast<std::int64_t>(low_zero ? n - 1 : n));
 
   byte_size buffer{};
@@ -550,9 +689,9 @@ inline max_memory get_balanced_memory(plan_context& ctx, const max_memory& mm,
     // Per class: its first instance (accelerate) and its largest (stowage, §9.6).
     std::vector<std::pair<const std::string*, std::pair<byte_size, byte_size>>> per_class;
     for (auto i : ctx.no_split(opt.no_split).instances) {
-      if (i == 0 || !sz.counted[i]) continue;
+      if (i == 0 || !sz.counted(i)) continue;
       const std::string& c = ctx.tree().nodes()[i].class_name;
-      const byte_size s = sz.size[i];
+      const byte_size s = sz.size(i);
       auto it = std::find_if(per_class.begin(), per_class.end(),
                              [&](const auto& e) { return *e.first == c; });
       if (it == per_class.end())
@@ -574,7 +713,7 @@ inline max_memory get_balanced_memory(plan_context& ctx, const max_memory& mm,
   }
   // Mean size of the lowest modules that own tensors; int(sum / max(count, 1)).
   const std::int64_t mean = static_cast<std::int64_t>(
-      sz.leaf_sum.bytes() / static_cast<double>(std::max<std::int64_t>(sz.leaf_count, 1)));
+      sz.leaf_sum().bytes() / static_cast<double>(std::max<std::int64_t>(sz.leaf_count(), 1)));
   per_gpu += detail::one_and_a_quarter(std::max(buffer, byte_size(mean)));
   detail::cap_balanced(out, ids, n, per_gpu, total, low_zero, report);
   return out;
@@ -621,9 +760,10 @@ inline max_memory transformers_balanced_memory(plan_context& ctx, const max_memo
           break;
         }
   }
-  const item_sizes& sz = ctx.sizes(opt.dtype, opt.special_dtypes, size_rule::transformers,
-                                   opt.quantization, opt.quantized_sizes, opt.output_embeddings);
-  const byte_size total = sz.size[0];
+  const detail::size_view& sz =
+      ctx.size_table(opt.dtype, opt.special_dtypes, size_rule::transformers, opt.quantization,
+                     opt.quantized_sizes, opt.output_embeddings);
+  const byte_size total = sz.size(0);
   if (low_zero && n < 2) low_zero = false;
   byte_size per_gpu = detail::floor_div(total, static_cast<std::int64_t>(low_zero ? n - 1 : n));
   byte_size biggest_block{};
@@ -633,9 +773,9 @@ inline max_memory transformers_balanced_memory(plan_context& ctx, const max_memo
       report->deviate("transformers",
                       "no module is of a no-split class; Transformers' "
                       "get_balanced_memory raises ValueError (max of nothing)");
-    for (auto i : inst) biggest_block = std::max(biggest_block, sz.size[i]);
+    for (auto i : inst) biggest_block = std::max(biggest_block, sz.size(i));
   }
-  per_gpu += detail::one_and_a_quarter(std::max(biggest_block, sz.biggest_direct));
+  per_gpu += detail::one_and_a_quarter(std::max(biggest_block, sz.biggest_direct()));
   detail::cap_balanced(out, ids, n, per_gpu, total, low_zero, report);
   return out;
 }
@@ -662,10 +802,10 @@ class item_planner {
         nodes_(ctx.tree().nodes()),
         budgets_(budgets),
         opt_(opt),
-        sz_(ctx.sizes(opt.dtype, opt.special_dtypes, rule, opt.quantization, opt.quantized_sizes,
-                      opt.output_embeddings)),
+        sz_(ctx.size_table(opt.dtype, opt.special_dtypes, rule, opt.quantization,
+                           opt.quantized_sizes, opt.output_embeddings)),
         ns_(ctx.no_split(opt.no_split)),
-        layer_max_(ctx.layer_maxima(sz_, ns_)),
+        layers_(ctx.planning_layers(sz_, ns_)),
         ties_(ctx.ties()),
         w_(ctx.scratch()),
         verbose_(static_cast<bool>(opt.verbose)) {}
@@ -687,6 +827,9 @@ class item_planner {
     for (id x = ix_.first_buffer(m); x < ix_.tensors_end(m); ++x) out.push_back(x);
     return ix_.first_buffer(m) != ix_.tensors_end(m);
   }
+  /// The largest layer of module m's subtree (plan_context::planning_layers: m is a root child or
+  /// a child of a module planning can split, the only modules planning asks about).
+  byte_size layer_max(id m) const noexcept { return layers_.at(m); }
   /// Puts `kids` (in order) at the front of a reversed queue.
   static void push_front(std::vector<id>& q, const std::vector<id>& kids) {
     q.insert(q.end(), kids.rbegin(), kids.rend());
@@ -699,42 +842,38 @@ class item_planner {
     byte_size best{};
     for (auto it = q.rbegin(); it != q.rend(); ++it) {
       if (ix_.is_module(*it))
-        best = std::max(best, layer_max_[*it]);
+        best = std::max(best, layer_max(*it));
       else if (with_tensors)
-        best = std::max(best, sz_.size[*it]);
-    }
-    auto& names = w_.max_names;
-    names.clear();
-    for (auto it = q.rbegin(); it != q.rend(); ++it) {
-      const id x = *it;
-      if (!ix_.is_module(x)) {
-        if (with_tensors && sz_.size[x] == best) names.push_back(x);
-        continue;
-      }
-      if (layer_max_[x] != best) continue;
-      auto& st = w_.stack;
-      st.clear();
-      st.push_back(x);
-      while (!st.empty()) {
-        const id m = st.back();
-        st.pop_back();
-        if (ns_.flag[m] || !ix_.has_children(m)) {  // from the index: no node is read
-          if (sz_.size[m] == best) names.push_back(m);
-          continue;
-        }
-        const auto& ch = nodes_[m].children;
-        for (auto c = ch.rbegin(); c != ch.rend(); ++c)
-          if (layer_max_[*c] == best) st.push_back(static_cast<id>(*c));
-      }
+        best = std::max(best, sz_.size(*it));
     }
     // Kept sorted by pre-order position of the owning module, last first: the names below a
     // popped entry are one contiguous range (erase_covered), and as the queue pops in pre-order
-    // that range is at the back, erased without moving the rest.
-    std::reverse(names.begin(), names.end());
+    // that range is at the back, erased without moving the rest. Collected in that order: the
+    // queue from its back, each subtree's children last first.
+    auto& names = w_.max_names;
+    names.clear();
+    for (const id x : q) {
+      if (!ix_.is_module(x)) {
+        if (with_tensors && sz_.size(x) == best) names.push_back(x);
+      } else if (layer_max(x) == best) {
+        collect_layers(x, best);
+      }
+    }
     auto later_first = [&](id a, id b) { return name_key(a) > name_key(b); };
     if (!std::is_sorted(names.begin(), names.end(), later_first))
       std::sort(names.begin(), names.end(), later_first);
     max_layer_ = best;
+  }
+  /// Appends the layers of size `best` in x's subtree (x's largest layer is `best`), last first.
+  void collect_layers(id x, byte_size best) {
+    if (ns_.flag[x] || !ix_.has_children(x)) {
+      // A layer: its size is its layer_max, which is `best` here.
+      w_.max_names.push_back(x);
+      return;
+    }
+    const auto& ch = nodes_[x].children;
+    for (auto c = ch.rbegin(); c != ch.rend(); ++c)
+      if (layer_max(static_cast<id>(*c)) == best) collect_layers(static_cast<id>(*c), best);
   }
   std::pair<id, id> name_key(id x) const { return {ix_.position(ix_.module_of(x)), x}; }
   /// Drops the names equal to or below x from the (sorted, last first) largest-layer names.
@@ -748,6 +887,14 @@ class item_planner {
     } else {
       lo = name_key(x);
       hi = {lo.first, x + 1};
+    }
+    // The earliest name is at the back: nothing to erase when it lies after x's range (most
+    // steps).
+    const auto last = name_key(names.back());
+    if (last >= hi) return;
+    if (last >= lo) {  // the range is at the back (the entry itself was a largest layer)
+      while (!names.empty() && name_key(names.back()) < hi) names.pop_back();
+      return;
     }
     // Descending keys: [b, e) are the names with lo <= key < hi.
     auto at_or_after = [&](id a, const std::pair<id, id>& k) { return name_key(a) >= k; };
@@ -811,11 +958,11 @@ class item_planner {
         hit = extra;
       if (hit == tree_index::none) continue;
       w_.partners.push_back(hit);
-      r.accelerate_total += sz_.size[hit] - sz_.size[p];
+      r.accelerate_total += sz_.size(hit) - sz_.size(p);
       if (std::find(w_.unique_partners.begin(), w_.unique_partners.end(), hit) ==
           w_.unique_partners.end()) {
         w_.unique_partners.push_back(hit);
-        r.total += sz_.size[hit];
+        r.total += sz_.size(hit);
       }
     }
     return r;
@@ -828,6 +975,12 @@ class item_planner {
   }
 
   void place(id x, device d) {
+    // Without ties every item is placed once (each leaves the queue once); with them a tied
+    // partner may be placed again, keeping its first position.
+    if (ties_.groups.empty()) {
+      w_.placed.emplace_back(x, d);
+      return;
+    }
     auto& slot = w_.slot;
     if (slot[x] == no_slot) {
       slot[x] = static_cast<std::uint32_t>(w_.placed.size());
@@ -848,15 +1001,16 @@ class item_planner {
 
   bool fallback(byte_size limit, id current, id& found, fit_report& rep);
   device_map build_map();
+  device_map build_map_in_order(device_map& map);
 
   plan_context& ctx_;
   const tree_index& ix_;
   const std::vector<module_node>& nodes_;
   const max_memory& budgets_;
   const plan_options& opt_;
-  const item_sizes& sz_;
+  const size_view& sz_;
   const plan_context::split_info& ns_;
-  const std::vector<byte_size>& layer_max_;
+  const plan_context::layer_table& layers_;
   const plan_context::tie_info& ties_;
   plan_scratch& w_;
   bool verbose_;
@@ -879,12 +1033,12 @@ inline bool item_planner::fallback(byte_size limit, id current, id& found, fit_r
   while (!search.empty()) {
     const id e = search.back();
     search.pop_back();
-    byte_size total = sz_.size[e];
+    byte_size total = sz_.size(e);
     if (tied) {
       relevant_ties(e, ix_.name(e), &rep);
       // Partners are looked up in what is still to place, the entry being retried included
       // (accelerate omits it and raises IndexError when it is a partner, §9.2).
-      if (!w_.tie_params.empty()) total = size_with_ties(sz_.size[e], search, current).total;
+      if (!w_.tie_params.empty()) total = size_with_ties(sz_.size(e), search, current).total;
     }
     if (total <= limit) {
       found = e;
@@ -920,6 +1074,15 @@ inline device_map item_planner::build_map() {
     for (const auto& [x, d] : placed) map.append_new(ix_.name(x), d);
     return map;
   }
+  auto parent_of = [&](id a) -> id { return ix_.parent(a); };
+  // The module whose subtree holds an entry's name strictly: its parent, or a tensor's owner.
+  auto base_of = [&](id x) -> id { return ix_.is_module(x) ? parent_of(x) : ix_.module_of(x); };
+  bool in_order = true;  // placed in name (pre-)order: every subtree's entries are contiguous
+  for (std::size_t pos = 1; pos < placed.size() && in_order; ++pos)
+    in_order = name_key(placed[pos - 1].first) < name_key(placed[pos].first);
+  if (in_order && !placed.empty() && base_of(placed.front().first) != tree_index::none)
+    return build_map_in_order(map);
+  // Otherwise per module: entries below, the first one's position and device, mixed devices.
   const std::size_t n = ix_.modules();
   if (w_.below.size() != n) {
     w_.below.assign(n, 0);
@@ -928,7 +1091,6 @@ inline device_map item_planner::build_map() {
     w_.mixed.assign(n, 0);
   }
   w_.touched.clear();
-  auto parent_of = [&](id a) -> id { return ix_.parent(a); };
   for (std::uint32_t pos = 0; pos < placed.size(); ++pos) {
     const auto [x, d] = placed[pos];
     for (id a = ix_.is_module(x) ? parent_of(x) : ix_.module_of(x); a != tree_index::none;
@@ -974,6 +1136,79 @@ inline device_map item_planner::build_map() {
   return map;
 }
 
+/// build_map for entries placed in name order (no tied partner or fallback moved one): one
+/// sweep with a stack of the current entry's ancestors. Each frame counts the entries below it
+/// (and whether they share a device) and is merged into its parent when popped; the output so
+/// far is one list in which a frame's entries are the suffix added since it was pushed, so a
+/// frame found collapsible when popped replaces that suffix by itself. No per-module table, no
+/// walk up every entry's ancestors.
+inline device_map item_planner::build_map_in_order(device_map& map) {
+  using frame = plan_scratch::map_frame;
+  const auto& placed = w_.placed;
+  auto& st = w_.frames;
+  auto& out = w_.keys;
+  out.clear();
+  auto& chain = w_.kids;  // ancestors to push, deepest first
+  auto pop = [&] {
+    const frame f = st.back();
+    st.pop_back();
+    // Collapsible (not the root): every (at least two) entry below shares one device.
+    if (!st.empty() && f.below > 1 && !f.mixed) {
+      out.erase(out.begin() + f.out_start, out.end());
+      out.push_back({f.first, f.module, f.uniform});
+    }
+    if (st.empty()) {
+      st.push_back(f);  // the root stays, for the whole-model test
+      return;
+    }
+    frame& g = st.back();
+    if (g.below == 0) {
+      g.first = f.first;
+      g.uniform = f.uniform;
+      g.mixed = f.mixed;
+    } else if (f.mixed || f.uniform != g.uniform) {
+      g.mixed = true;
+    }
+    g.below += f.below;
+  };
+  st.clear();
+  for (std::uint32_t pos = 0; pos < placed.size(); ++pos) {
+    const auto [x, d] = placed[pos];
+    const id base = ix_.is_module(x) ? ix_.parent(x) : ix_.module_of(x);
+    while (!st.empty() && !ix_.in_subtree(st.back().module, base)) pop();
+    chain.clear();
+    for (id a = base; a != tree_index::none && (st.empty() || a != st.back().module);
+         a = ix_.parent(a))
+      chain.push_back(a);
+    const auto start = static_cast<std::uint32_t>(out.size());
+    for (auto it = chain.rbegin(); it != chain.rend(); ++it)
+      st.push_back({*it, 0, 0, start, d, false});
+    frame& f = st.back();
+    if (f.below == 0) {
+      f.first = pos;
+      f.uniform = d;
+    } else if (f.uniform != d) {
+      f.mixed = true;
+    }
+    ++f.below;
+    out.push_back({pos, x, d});
+  }
+  while (st.size() > 1) pop();
+  const frame& root = st.back();
+  if (root.below > 1 && !root.mixed) {
+    map.append_new("", root.uniform);
+  } else {
+    map.reserve(out.size());
+    for (const auto& k : out) {
+      if (ix_.is_module(k.item))
+        map.append_new(nodes_[k.item].path, k.target);
+      else
+        map.append_new(ix_.name(k.item), k.target);
+    }
+  }
+  return std::move(map);
+}
+
 inline plan_result item_planner::run() {
   plan_result res;
   res.budgets = budgets_;
@@ -982,6 +1217,8 @@ inline plan_result item_planner::run() {
   // Devices: budget order, zero-budget accelerators left out (§9.8), then disk.
   std::vector<device> devices;
   std::vector<byte_size> limits;
+  devices.reserve(budgets_.size() + 1);
+  limits.reserve(budgets_.size() + 1);
   for (const auto& [d, b] : budgets_) {
     if (d.is_accelerator() && b.eighths() == 0) {
       rep.deviate("§9.8", "device " + d.to_string() +
@@ -996,7 +1233,17 @@ inline plan_result item_planner::run() {
     devices.push_back(device::disk());
     limits.push_back(byte_size{});
   }
-  std::vector<char> main(devices.size(), 0);
+  const std::size_t nd = devices.size();
+  // Per device, in two allocations: flags (main device, layer reservation recorded) and byte
+  // counts (used, buffers of offloaded modules, layer reservation, weights).
+  std::vector<char> flags(2 * nd, 0);
+  char* const main = flags.data();
+  char* const reserved_set = main + nd;
+  std::vector<byte_size> counts(4 * nd);
+  byte_size* const used = counts.data();
+  byte_size* const buffer_bytes = used + nd;
+  byte_size* const layer_reserved = buffer_bytes + nd;
+  byte_size* const weights = layer_reserved + nd;
   bool any_gpu = false;
   {
     std::size_t first_gpu = devices.size(), mps = devices.size();
@@ -1014,15 +1261,13 @@ inline plan_result item_planner::run() {
         if (devices[i].is_cpu()) main[i] = 1;
     }
   }
-  const std::size_t nd = devices.size();
-  std::vector<byte_size> used(nd), buffer_bytes(nd), layer_reserved(nd), weights(nd);
-  std::vector<char> reserved_set(nd, 0);
   std::vector<std::pair<device, byte_size>> min_needed;
 
   auto& q = w_.queue;
   q.clear();
+  if (q.capacity() == 0) w_.reserve();  // a fresh scratch space: one allocation per list
   w_.placed.clear();
-  if (w_.slot.size() != ix_.items()) w_.slot.assign(ix_.items(), no_slot);
+  if (!ties_.groups.empty() && w_.slot.size() != ix_.items()) w_.slot.assign(ix_.items(), no_slot);
   // Root queue: direct parameters, children, direct buffers.
   split_kids(0, w_.kids);
   push_front(q, w_.kids);
@@ -1047,7 +1292,7 @@ inline plan_result item_planner::run() {
     }
     erase_covered(x);
     if (w_.max_names.empty()) compute_max(false);
-    const byte_size size = sz_.size[x];
+    const byte_size size = sz_.size(x);
 
     std::vector<const std::vector<std::string>*> groups;
     w_.tie_params.clear();
@@ -1103,16 +1348,22 @@ inline plan_result item_planner::run() {
       u += ts.total;
       weights[cur] += ts.total;
       place(x, dev);
-      rep.placements.push_back({named ? name : ix_.name(x), dev, ts.total,
-                                w_.partners.empty() ? "fits" : "fits with its tied partners"});
+      static const std::string fits = "fits", fits_tied = "fits with its tied partners";
+      const std::string& why = w_.partners.empty() ? fits : fits_tied;
+      if (named)
+        rep.placements.emplace_back(name, dev, ts.total, why);
+      else if (ix_.is_module(x))
+        rep.placements.emplace_back(nodes_[x].path, dev, ts.total, why);  // one copy of the name
+      else
+        rep.placements.emplace_back(ix_.name(x), dev, ts.total, why);
       for (id tn : w_.partners) {
         erase_first(q, tn);
         place(tn, dev);
         rep.placements.push_back(
             {ix_.name(tn), dev, byte_size{}, "tied to " + name + " (counted there)"});
       }
-      if (!opt_.offload_buffers && ix_.is_module(x) && sz_.any_buffers)
-        buffer_bytes[cur] += sz_.buffers[x];
+      if (!opt_.offload_buffers && ix_.is_module(x) && sz_.any_buffers())
+        buffer_bytes[cur] += sz_.buffers(x);
       continue;
     }
 
@@ -1184,7 +1435,8 @@ inline plan_result item_planner::run() {
   }
 
   res.map = build_map();
-  for (const auto& [x, d] : w_.placed) w_.slot[x] = no_slot;
+  if (!ties_.groups.empty())
+    for (const auto& [x, d] : w_.placed) w_.slot[x] = no_slot;
 
   // Buffer check: buffers of CPU/disk-placed modules stay resident on the execution device.
   if (!opt_.offload_buffers) {
@@ -1220,6 +1472,7 @@ inline plan_result item_planner::run() {
   }
 
   // Usage per device (weights as placed, not counting the layer reservation).
+  rep.devices.reserve(nd);
   for (std::size_t i = 0; i < nd; ++i) {
     const device d = devices[i];
     device_usage du{d, std::nullopt, weights[i], {}, {}};
