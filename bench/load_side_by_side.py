@@ -151,7 +151,7 @@ def main() -> int:
     print(f"| memcpy into fresh memory, 4 KiB / huge pages | | {mem['fresh_gbps']:.2f} / {mem['fresh_huge_gbps']:.2f} | | |")
     print(f"| floor: read the checkpoint once (best of mapping / pread) + fault in the bf16 destination | {floor:.3f} | {read / floor / 1e9:.2f} | | |")
     print()
-    print(f"Page cache: {phases['pmd_mapped_bytes'] / phases['bytes']:.0%} of the checkpoint in 2 MiB folios; "
+    print(f"Page cache: {phases['pmd_mapped_bytes'] / phases['bytes']:.0%} of the checkpoint maps as 2 MiB pages; "
           f"stowage = {st_gbps / mem['gbps']:.0%} of warm memcpy, {floor / st['seconds']:.0%} of the floor's speed; "
           f"{acc['seconds'] / st['seconds']:.1f}x accelerate.")
     print(f"\nload average {load_before:.2f} -> {os.getloadavg()[0]:.2f}")
