@@ -8,7 +8,7 @@
 #   4. Conan 2 from PyPI in a venv, hermetic CONAN_HOME: conan create with no remote
 #   5. the unit tests (tests/unit) again under ASan + UBSan (preset "asan"; STOWAGE_CI_ASAN=0
 #      skips it)
-#   6. libFuzzer targets in tests/fuzz/*_fuzz.cpp, each run STOWAGE_FUZZ_SECONDS (default 30);
+#   6. libFuzzer targets in tests/fuzz/*_fuzz.cpp, each run STOWAGE_FUZZ_SECONDS (default 20);
 #      a no-op while there are none
 # Everything is written under build/ (git-ignored). The CUDA toolkit is used when
 # /usr/local/cuda exists; nothing needs a GPU.
@@ -97,7 +97,7 @@ sanitizers() {
 }
 
 fuzz() {
-  cmake --preset fuzz -DSTOWAGE_FUZZ_SECONDS="${STOWAGE_FUZZ_SECONDS:-30}"
+  cmake --preset fuzz -DSTOWAGE_FUZZ_SECONDS="${STOWAGE_FUZZ_SECONDS:-20}"
   cmake --build --preset fuzz
   ctest --preset fuzz 2>&1 | tee "$logs/ctest-fuzz.log"
 }
