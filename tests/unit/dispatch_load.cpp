@@ -4,6 +4,8 @@
 // transparent huge pages on and off giving the same bytes (pread pieces at odd offsets), and a
 // checkpoint truncated under the loader (io_error naming file and offset, nothing leaked).
 // Expected tensor bytes come from tests/fixtures/load/cases.json (torch), not from stowage.
+#include "support/temp_dir.hpp"
+
 #include <stowage/dispatch/load.hpp>
 #include <stowage/models/llama.hpp>
 #include <stowage/module/module_tree_json.hpp>
@@ -29,6 +31,8 @@ using namespace stowage;
 using storage::live_allocations;
 using storage::storage_kind;
 
+using stowage_test::temp_dir;
+
 namespace {
 
 const fs::path load_dir = fs::path(STOWAGE_FIXTURES_DIR) / "load";
@@ -48,19 +52,6 @@ device_map llama_map() {
                     {"model.layers.1", "disk"},    {"model.norm", "disk"},
                     {"model.rotary_emb", "cpu"},   {"lm_head", "cpu"}};
 }
-
-struct temp_dir {
-  fs::path path;
-  explicit temp_dir(const std::string& tag) {
-    path = fs::temp_directory_path() / ("stowage-" + tag + "-" + std::to_string(::getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
 
 struct live_snapshot {
   std::int64_t host = live_allocations(storage_kind::host),
