@@ -120,6 +120,26 @@ TEST_CASE("§9.6 the no-split buffer is the largest instance, not the first") {
   CHECK(rep.deviates("§9.6"));
 }
 
+TEST_CASE("§9.6 accelerate's first instance is in size-entry order (parameters, then buffers)") {
+  // blocks.0 holds only a buffer, so accelerate's sizes list it after every module reached
+  // through a parameter: its first "Blk" is blocks.1 (100 bytes), the largest too, and nothing
+  // deviates. Spec §5.1: 144 // 2 + int(1.25 * max(100, mean(100, 40, 4) = 48)) = 197, what
+  // accelerate 1.15.0 returns for this model.
+  sw::module_tree t("Model");
+  const auto blocks = t.add_child(0, "blocks", "ModuleList");
+  t.add_buffer(t.add_child(blocks, "0", "Blk"), {"b", sw::shape{1}, sw::dtype::float32});
+  const auto b1 = t.add_child(blocks, "1", "Blk");
+  t.add_parameter(t.add_child(b1, "lin", "Linear"),
+                  {"weight", sw::shape{1, 25}, sw::dtype::float32});
+  t.add_parameter(t.add_child(0, "head", "Linear"),
+                  {"weight", sw::shape{1, 10}, sw::dtype::float32});
+  sw::fit_report rep;
+  const auto b = sw::get_balanced_memory(t, {{0, 10000}, {1, 10000}, {"cpu", 100000}},
+                                         {{"Blk"}, {}, {}, false}, &rep);
+  CHECK(b.at(0) == sw::byte_size(197));
+  CHECK_FALSE(rep.deviates("§9.6"));
+}
+
 TEST_CASE("§9.7 a reserve is never larger than the device") {
   const auto c = find_case("accelerate/infer_auto_device_map.json", "Jx_bug7_ToyGPT");
   CHECK_FALSE(any_on(fixture::map(c["expected"]), 0));  // accelerate leaves GPU 0 unused

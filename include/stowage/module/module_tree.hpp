@@ -9,11 +9,9 @@
 #include <stowage/core/error.hpp>
 #include <stowage/core/tensor_desc.hpp>
 
-#include <array>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -113,298 +111,6 @@ class derived_cache {
   std::vector<std::pair<const void*, std::shared_ptr<void>>> entries_;
 };
 
-/// What planning reads from a tree, kept flat as the tree is built (module_tree::layout), so a
-/// first plan reads a few arrays instead of every module_node and tensor_entry. The arrays are in
-/// the form tree_index uses (which borrows them instead of building its own), and the layout
-/// also keeps, updated on every add (O(depth) per tensor), aggregates that make a plan's size
-/// table a few multiplications: per module the element count of its subtree per size key (dtype
-/// and parameter-or-buffer), the same over accelerate's get_balanced_memory leaves, the distinct
-/// direct element counts of tensor-owning modules, and the class names interned to ids with the
-/// modules of each class.
-struct tree_layout {
-  using id = std::uint32_t;
-  static constexpr id none = ~id{0};
-  /// Size keys (dtype, parameter or buffer) the aggregates distinguish; a tree with more turns
-  /// them off (planning then sizes every tensor).
-  static constexpr std::size_t max_keys = 4;
-  /// Distinct direct element counts kept; beyond that the aggregates are off.
-  static constexpr std::size_t max_directs = 64;
-  /// Distinct class names interned; beyond that class ids are off.
-  static constexpr std::size_t max_classes = 255;
-
-  struct tensor {
-    std::int64_t numel;
-    stowage::dtype dtype;
-    bool buffer;
-    std::uint8_t key;  ///< index into `keys` (valid while `aggregates`)
-  };
-  /// Element counts per size key, and which keys occur (tensors of zero elements included).
-  struct counts {
-    std::array<std::int64_t, max_keys> numel{};
-    std::uint8_t mask = 0;
-    bool child_has = false;  ///< (subtrees) a child's subtree holds a tensor
-    /// Adds another subtree's counts; false on overflow.
-    bool add(const counts& o) noexcept {
-      bool ok = true;
-      for (std::size_t k = 0; k < max_keys; ++k)
-        ok = !__builtin_add_overflow(numel[k], o.numel[k], &numel[k]) && ok;
-      mask = static_cast<std::uint8_t>(mask | o.mask);
-      return ok;
-    }
-  };
-
-  // Per module, by module index (tree_index's arrays).
-  std::vector<id> parent;        ///< none for the root
-  std::vector<id> first_tensor;  ///< its first tensor in `tensors`; one more entry: the count
-  std::vector<id> first_buffer;  ///< its first buffer in `tensors`
-  /// One past its subtree's last module, set when the module is finished (valid if
-  /// in_preorder); 0 while it is open: its subtree reaches the newest module (read: the count).
-  std::vector<id> subtree_end;
-  std::vector<id> identity;  ///< 0, 1, 2, ...: pre-order positions when in_preorder
-  /// Per module: its own tensors plus the subtrees of its finished children (valid while
-  /// `aggregates`). A module is finished once a module outside its subtree follows (its subtree
-  /// is then final, and added to its parent's entry); the modules still open are the newest one
-  /// and its ancestors (those whose subtree_end is still 0), completed on reading
-  /// (for_each_open).
-  std::vector<counts> subtree;
-  // Per tensor, module by module in index order, each module's parameters then its buffers (the
-  // order of tree_index's tensor items).
-  std::vector<tensor> tensors;
-  std::vector<id> owner;
-  /// Modules were added in pre-order (each one's parent on the path to the previous one).
-  bool in_preorder = true;
-
-  // Interned class names, and each module's (one byte per module: a plan finds the modules of
-  // a no-split class by scanning these bytes, no node is read).
-  std::vector<std::string> classes;
-  std::vector<std::uint8_t> class_of;
-  bool classes_usable = true;
-
-  // Aggregates.
-  std::array<std::pair<stowage::dtype, bool>, max_keys> keys{};
-  std::size_t key_count = 0;
-  /// Over the finished modules among accelerate's leaves (non-root modules holding tensors, none
-  /// below a child): element counts of their subtrees summed, and how many.
-  counts leaves;
-  std::int64_t leaf_count = 0;
-  /// Direct counts of the non-root modules owning tensors but the newest, distinct.
-  std::vector<counts> directs;
-  bool aggregates = true;
-
-  /// False once a tensor was added out of that order (to a module other than the newest, or a
-  /// parameter after a buffer) or its element count overflows: readers then use the nodes.
-  bool usable = true;
-
-  // The adders keep the layout whole or drop it (usable = false): it is only a shortcut.
-  void add_module(std::size_t parent_index, const std::string& class_name) noexcept {
-    if (!usable) return;
-    try {
-      const auto idx = static_cast<id>(parent.size());
-      const id p = parent_index == std::numeric_limits<std::size_t>::max()
-                       ? none
-                       : static_cast<id>(parent_index);
-      if (idx >= none - 1 || (p != none && p >= idx)) {
-        clear();
-        return;
-      }
-      const id k = static_cast<id>(tensors.size());
-      if (idx != 0 && aggregates) add_direct(idx - 1);
-      // Pre-order: the parent is the previous module or one of its ancestors. The modules on
-      // the way up to it are finished: their subtrees join their parents'.
-      if (in_preorder && idx != 0) {
-        id a = idx - 1;
-        while (a != none && a != p) {
-          subtree_end[a] = idx;
-          if (aggregates) finish(a);
-          a = parent[a];
-        }
-        if (a == none) {
-          in_preorder = false;
-          aggregates = false;
-        }
-      }
-      parent.push_back(p);
-      if (first_tensor.empty()) first_tensor.push_back(k);
-      first_tensor.push_back(k);  // the count entry, moved along
-      first_buffer.push_back(k);
-      identity.push_back(idx);
-      subtree_end.push_back(0);  // open
-      subtree.emplace_back();
-      intern(class_name);
-    } catch (...) {
-      clear();
-    }
-  }
-  void add_tensor(std::size_t node, const tensor_entry& t, bool is_buffer,
-                  bool node_had_buffers) noexcept {
-    if (!usable) return;
-    std::int64_t numel = 1;
-    bool overflow = false;
-    for (std::int64_t d : t.shape) overflow = overflow || __builtin_mul_overflow(numel, d, &numel);
-    if (overflow || node + 1 != parent.size() || (!is_buffer && node_had_buffers) ||
-        tensors.size() >= none - 1) {
-      clear();
-      return;
-    }
-    std::uint8_t key = 0;
-    if (aggregates) key = key_of(t.dtype, is_buffer);
-    try {
-      tensors.push_back({numel, t.dtype, is_buffer, key});
-      owner.push_back(static_cast<id>(node));
-    } catch (...) {
-      clear();
-      return;
-    }
-    first_tensor.back() = static_cast<id>(tensors.size());
-    if (!is_buffer) first_buffer.back() = static_cast<id>(tensors.size());
-    if (aggregates) {
-      counts& c = subtree[node];
-      if (__builtin_add_overflow(c.numel[key], numel, &c.numel[key])) aggregates = false;
-      c.mask = static_cast<std::uint8_t>(c.mask | (1u << key));
-    }
-  }
-  void clear() noexcept {
-    usable = false;
-    parent = {};
-    first_tensor = {};
-    first_buffer = {};
-    subtree_end = {};
-    identity = {};
-    subtree = {};
-    tensors = {};
-    owner = {};
-    classes = {};
-    class_of = {};
-    directs = {};
-  }
-
-  /// The modules still open (the newest and its ancestors, newest first) with their complete
-  /// subtree counts and whether each is one of accelerate's leaves: f(module, counts, leaf).
-  /// False when a count overflows.
-  template <class F>
-  bool for_each_open(F&& f) const {
-    if (parent.empty()) return true;
-    counts below;  // the open child's complete counts
-    bool below_has = false, ok = true;
-    for (id a = static_cast<id>(parent.size() - 1); a != none; a = parent[a]) {
-      counts c = subtree[a];
-      ok = c.add(below) && ok;
-      c.child_has = subtree[a].child_has || below_has;
-      f(a, c, a != 0 && c.mask != 0 && !c.child_has);
-      below = c;
-      below_has = c.mask != 0;
-    }
-    return ok;
-  }
-  /// Direct counts of the non-root tensor-owning modules, the newest one's included: f(counts).
-  template <class F>
-  void for_each_direct(F&& f) const {
-    for (const auto& d : directs) f(d);
-    const std::size_t newest = parent.size() - 1;
-    if (newest != 0 && subtree[newest].mask != 0) f(subtree[newest]);  // no children yet
-  }
-  /// The interned id of a class name, or none.
-  id class_id(std::string_view name) const noexcept {
-    for (std::size_t i = 0; i < classes.size(); ++i)
-      if (classes[i] == name) return static_cast<id>(i);
-    return none;
-  }
-
- private:
-  std::uint8_t key_of(stowage::dtype d, bool buffer) noexcept {
-    for (std::size_t i = 0; i < key_count; ++i)
-      if (keys[i].first == d && keys[i].second == buffer) return static_cast<std::uint8_t>(i);
-    if (key_count == max_keys) {
-      aggregates = false;
-      return 0;
-    }
-    keys[key_count] = {d, buffer};
-    return static_cast<std::uint8_t>(key_count++);
-  }
-  // Module a's subtree is final: it joins its parent's, and the leaf sums if it is a leaf.
-  void finish(id a) noexcept {
-    const counts& c = subtree[a];
-    bool ok = true;
-    if (a != 0 && c.mask != 0 && !c.child_has) {
-      ++leaf_count;
-      ok = leaves.add(c);
-    }
-    if (parent[a] != none) {
-      counts& up = subtree[parent[a]];
-      ok = up.add(c) && ok;
-      up.child_has = up.child_has || c.mask != 0;
-    }
-    if (!ok) aggregates = false;
-  }
-  // Module m is no longer the newest: its own tensors are final (it has no children yet, so its
-  // entry holds exactly them) and join the distinct direct counts.
-  void add_direct(id m) {
-    const counts& c = subtree[m];
-    if (m == 0 || c.mask == 0) return;
-    if (last_direct < directs.size() && same(directs[last_direct], c)) return;
-    for (std::size_t i = 0; i < directs.size(); ++i)
-      if (same(directs[i], c)) {
-        last_direct = i;
-        return;
-      }
-    if (directs.size() == max_directs) {
-      aggregates = false;
-      return;
-    }
-    last_direct = directs.size();
-    directs.push_back(c);
-  }
-  static bool same(const counts& a, const counts& b) noexcept {
-    return a.mask == b.mask && a.numel == b.numel;
-  }
-  void intern(const std::string& name) {
-    if (!classes_usable) return;
-    // Most modules repeat a recent class: try the last class of this name length first.
-    const std::size_t slot = name.size() % last_by_size.size();
-    id c = last_by_size[slot];
-    if (c == none || !same_name(classes[c], name)) {
-      c = class_id(name);
-      if (c == none) {
-        if (classes.size() == max_classes) {
-          classes_usable = false;
-          return;
-        }
-        c = static_cast<id>(classes.size());
-        classes.push_back(name);
-      }
-      last_by_size[slot] = c;
-    }
-    class_of.push_back(static_cast<std::uint8_t>(c));
-  }
-  // Equal strings, compared inline a word at a time (class names are short; a memcmp call per
-  // module was a measurable part of building a tree).
-  static bool same_name(const std::string& a, const std::string& b) noexcept {
-    const std::size_t n = a.size();
-    if (n != b.size()) return false;
-    const char *p = a.data(), *q = b.data();
-    auto word = [](const char* x) {
-      std::uint64_t w;
-      std::memcpy(&w, x, sizeof w);
-      return w;
-    };
-    if (n >= 8) {
-      for (std::size_t i = 0; i + 8 < n; i += 8)
-        if (word(p + i) != word(q + i)) return false;
-      return word(p + n - 8) == word(q + n - 8);
-    }
-    for (std::size_t i = 0; i < n; ++i)
-      if (p[i] != q[i]) return false;
-    return true;
-  }
-  std::size_t last_direct = 0;
-  std::array<id, 32> last_by_size = filled_none();
-  static constexpr std::array<id, 32> filled_none() {
-    std::array<id, 32> a{};
-    for (auto& x : a) x = none;
-    return a;
-  }
-};
-
 }  // namespace detail
 
 /// The runtime module tree. Node 0 is the root; a child is added after its parent, and every
@@ -418,7 +124,6 @@ class module_tree {
     root.class_name = std::move(root_class);
     nodes_.push_back(std::move(root));
     index_.emplace("", 0);
-    layout_.add_module(npos, nodes_.front().class_name);
   }
 
   // ---- building ---------------------------------------------------------------------------
@@ -438,7 +143,6 @@ class module_tree {
     const std::size_t idx = nodes_.size();
     nodes_[parent].children.push_back(idx);
     nodes_.push_back(std::move(n));
-    layout_.add_module(parent, nodes_.back().class_name);
     return idx;
   }
 
@@ -557,10 +261,6 @@ class module_tree {
     return cache_.template get<T>(std::forward<Make>(make));
   }
 
-  /// The flat layout kept as the tree was built (parents, tensor ranges, element counts and
-  /// dtypes), or nullptr when tensors were added out of module order (then read the nodes).
-  const detail::tree_layout* layout() const noexcept { return layout_.usable ? &layout_ : nullptr; }
-
  private:
   void check_node(std::size_t i, const char* what) const {
     if (i >= nodes_.size())
@@ -588,16 +288,12 @@ class module_tree {
                           "` names both a module and a tensor");
     if (!buffer) t.persistent = true;
     cache_.clear();
-    const bool had_buffers = !n.buffers.empty();
-    auto& list = buffer ? n.buffers : n.parameters;
-    list.push_back(std::move(t));
-    layout_.add_tensor(node, list.back(), buffer, had_buffers);
+    (buffer ? n.buffers : n.parameters).push_back(std::move(t));
   }
 
   std::vector<module_node> nodes_;
   std::unordered_map<std::string, std::size_t> index_;
   std::vector<std::vector<std::string>> tied_;
-  detail::tree_layout layout_;
   mutable detail::derived_cache cache_;
 };
 

@@ -15,10 +15,14 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
@@ -103,6 +107,17 @@ inline byte_size planned_tensor_size(std::string_view full_name, const tensor_en
   return accelerate_size(t.shape, chosen);
 }
 
+/// Eighths of a byte per element of a tensor of dtype `d` under a size rule (no special dtype):
+/// a floating tensor shrinks to the target (not a buffer under the Transformers rule), and the
+/// Transformers rule counts bool as the byte torch's element_size() reports.
+constexpr std::int64_t rule_element_eighths(dtype d, bool is_buffer, std::optional<dtype> target,
+                                            size_rule rule) noexcept {
+  if (target && !is_integral(d) && !(rule == size_rule::transformers && is_buffer))
+    d = accelerate_size_eighths(*target) <= accelerate_size_eighths(d) ? *target : d;
+  if (rule == size_rule::transformers && d == dtype::bool_) return 8;
+  return accelerate_size_eighths(d);
+}
+
 /// One tensor under a size rule, `special` already resolved to this tensor (or none).
 inline byte_size rule_tensor_size(const tensor_entry& t, bool is_buffer,
                                   std::optional<dtype> target, std::optional<dtype> special,
@@ -126,104 +141,140 @@ inline byte_size rule_tensor_size(const tensor_entry& t, bool is_buffer,
 
 }  // namespace detail
 
+namespace detail {
+
+/// std::allocator whose value-less construct() default-initialises: resize() leaves trivial
+/// elements unwritten (for arrays every element of which is written right after).
+template <class T>
+struct uninit_allocator : std::allocator<T> {
+  template <class U>
+  struct rebind {
+    using other = uninit_allocator<U>;
+  };
+  uninit_allocator() noexcept = default;
+  template <class U>
+  uninit_allocator(const uninit_allocator<U>&) noexcept {}  // NOLINT implicit
+  template <class U>
+  void construct(U* p) noexcept(std::is_nothrow_default_constructible_v<U>) {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <class U, class... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+template <class T>
+using uninit_vector = std::vector<T, uninit_allocator<T>>;
+
+/// A module as tree_index keeps it: flat, 16 bytes.
+struct flat_module {
+  std::uint32_t parent;        ///< none for the root
+  std::uint32_t first_tensor;  ///< its first tensor (tensor index, not item)
+  std::uint32_t first_buffer;  ///< its first buffer (one past its parameters)
+  std::uint32_t subtree_end;   ///< one past the pre-order position of its subtree's last module
+};
+/// A tensor as tree_index keeps it.
+struct flat_tensor {
+  std::int64_t numel;
+  stowage::dtype dtype;
+  bool buffer;
+};
+
+}  // namespace detail
+
 /// An integer view of a module_tree for planning. Every module and every tensor is an *item*:
 /// items [0, modules()) are modules by tree index, items [modules(), items()) are tensors,
 /// numbered module by module (tree index order), each module's parameters then its buffers.
 /// Pre-order positions and subtree ends turn "is below" into two integer comparisons, so the
-/// planner never builds or hashes a name except for the keys it outputs.
+/// planner never builds or hashes a name except for the keys it outputs. Built from the nodes in
+/// one pass (the tree keeps nothing for planning: what a plan needs is derived here, at the
+/// first plan, and kept with the tree until it changes).
 class tree_index {
  public:
   using id = std::uint32_t;
   static constexpr id none = ~id{0};
 
-  explicit tree_index(const module_tree& t) : tree_(&t), layout_(t.layout()), n_(t.size()) {
-    // A tree built in pre-order (as to_module_tree and the JSON reader build one) keeps every
-    // array this index needs in its layout: borrowed, nothing is built. Otherwise parents and the
-    // tensor numbering come from the layout or one pass over the nodes, then pre-order positions
-    // and subtree ends from a stack of the current path (or a traversal).
-    if (layout_ && layout_->in_preorder && layout_->parent.size() == n_) {
-      if (n_ + layout_->tensors.size() >= none)
-        throw model_error("module tree: too many modules and tensors to plan (" +
-                          std::to_string(n_ + layout_->tensors.size()) + ")");
-      borrowed_ = true;
-      bind();
-      return;
-    }
+  explicit tree_index(const module_tree& t) : tree_(&t), n_(t.size()) {
     const auto& nodes = t.nodes();
-    std::size_t next = 0;
-    parent_.resize(n_);
-    tbeg_.resize(n_ + 1);
-    tmid_.resize(n_);
-    if (layout_) {
-      for (std::size_t i = 0; i < n_; ++i) {
-        parent_[i] = layout_->parent[i];
-        tbeg_[i] = layout_->first_tensor[i];
-        tmid_[i] = layout_->first_buffer[i];
+    if (n_ >= none) throw model_error("module tree: too many modules to plan");
+    mods_.resize(n_ + 1);
+    tens_.reserve(n_ + n_ / 2);
+    detail::flat_module* mods = mods_.data();
+    bool overflow = false;
+    auto add = [&](const tensor_entry& e, bool buffer) {
+      // Element count: rank <= 2 with dimensions below 2^31 (nearly every tensor) without a
+      // branch per dimension; anything else checked dimension by dimension.
+      const std::size_t r = e.shape.rank();
+      const std::int64_t d0 = r > 0 ? e.shape[0] : 1, d1 = r > 1 ? e.shape[1] : 1;
+      std::int64_t numel;
+      if (r <= 2 && static_cast<std::uint64_t>(d0 | d1) < (std::uint64_t{1} << 31)) {
+        numel = d0 * d1;
+      } else {
+        numel = 1;
+        for (std::int64_t d : e.shape)
+          overflow = __builtin_mul_overflow(numel, d, &numel) || overflow;
       }
-      next = layout_->tensors.size();
-    } else {
-      for (std::size_t i = 0; i < n_; ++i) {
-        const auto& nd = nodes[i];
-        parent_[i] = nd.parent == module_tree::npos ? none : static_cast<id>(nd.parent);
-        tbeg_[i] = static_cast<id>(std::min<std::size_t>(next, none));
-        tmid_[i] = static_cast<id>(std::min<std::size_t>(next + nd.parameters.size(), none));
-        next += nd.parameters.size() + nd.buffers.size();
-      }
+      tens_.push_back({numel, e.dtype, buffer});
+    };
+    for (std::size_t i = 0; i < n_; ++i) {
+      const auto& nd = nodes[i];
+      auto& m = mods[i];
+      m.parent = nd.parent == module_tree::npos ? none : static_cast<id>(nd.parent);
+      m.first_tensor = static_cast<id>(tens_.size());
+      for (const auto& p : nd.parameters) add(p, false);
+      m.first_buffer = static_cast<id>(tens_.size());
+      for (const auto& b : nd.buffers) add(b, true);
+      if (tens_.size() >= none - n_)
+        throw model_error("module tree: too many modules and tensors to plan (" +
+                          std::to_string(n_ + tens_.size()) + ")");
     }
-    tbeg_[n_] = static_cast<id>(std::min<std::size_t>(next, none));
-    if (n_ + next >= none)
-      throw model_error("module tree: too many modules and tensors to plan (" +
-                        std::to_string(n_ + next) + ")");
-    end_.resize(n_);
-    bool in_preorder = true;
+    if (overflow) {
+      for (const auto& nd : nodes)
+        for (const auto* list : {&nd.parameters, &nd.buffers})
+          for (const auto& e : *list) (void)e.shape.numel();  // throws, naming the shape
+    }
+    const auto nt = static_cast<id>(tens_.size());
+    mods[n_] = {none, nt, nt, 0};
+    // Subtree ends and the pre-order test in one backward pass (a parent's index is below its
+    // children's): a subtree ends one past its largest index, and the nodes are in pre-order
+    // exactly when every subtree fills the range up to there. No branch per module.
     {
-      std::vector<id> path;
-      path.reserve(16);
-      for (std::size_t i = 0; i < n_ && in_preorder; ++i) {
-        while (!path.empty() && path.back() != parent_[i]) {
-          end_[path.back()] = static_cast<id>(i);
-          path.pop_back();
-        }
-        if (i != 0 && path.empty()) in_preorder = false;
-        path.push_back(static_cast<id>(i));
+      std::unique_ptr<id[]> count_v(new id[n_]);
+      id* count = count_v.get();
+      for (std::size_t i = 0; i < n_; ++i) {
+        mods[i].subtree_end = static_cast<id>(i + 1);
+        count[i] = 1;
       }
-      if (in_preorder)
-        for (id i : path) end_[i] = static_cast<id>(n_);
+      for (std::size_t i = n_; i-- > 1;) {
+        const id p = mods[i].parent;
+        mods[p].subtree_end = std::max(mods[p].subtree_end, mods[i].subtree_end);
+        count[p] += count[i];
+      }
+      unsigned gaps = 0;
+      for (std::size_t i = 0; i < n_; ++i)
+        gaps |= mods[i].subtree_end - static_cast<id>(i) != count[i] ? 1u : 0u;
+      identity_ = gaps == 0;
     }
-    if (!in_preorder) {
+    if (!identity_) {
       order_.clear();
       for (std::size_t i : t.preorder()) order_.push_back(static_cast<id>(i));
       pre_.resize(n_);
       for (std::size_t k = 0; k < n_; ++k) pre_[order_[k]] = static_cast<id>(k);
       std::vector<id> span(n_, 1);
-      for (std::size_t k = n_; k-- > 1;) span[parent_[order_[k]]] += span[order_[k]];
-      for (std::size_t i = 0; i < n_; ++i) end_[i] = pre_[i] + span[i];
-    } else {
-      order_.resize(n_);
-      for (std::size_t i = 0; i < n_; ++i) order_[i] = static_cast<id>(i);
+      for (std::size_t k = n_; k-- > 1;) span[mods[order_[k]].parent] += span[order_[k]];
+      for (std::size_t i = 0; i < n_; ++i) mods[i].subtree_end = pre_[i] + span[i];
+      order_ready_.store(true, std::memory_order_relaxed);
     }
-    owner_.resize(next);
-    for (std::size_t i = 0; i < n_; ++i)
-      std::fill(owner_.begin() + tbeg_[i], owner_.begin() + tbeg_[i + 1], static_cast<id>(i));
-    identity_ = in_preorder;
-    bind();
   }
-  // The arrays may be the index's own or the tree layout's: copies point at their own.
   tree_index(const tree_index& o)
       : tree_(o.tree_),
-        layout_(o.layout_),
         n_(o.n_),
-        borrowed_(o.borrowed_),
         identity_(o.identity_),
-        order_(o.order_),
+        order_(o.identity_ ? std::vector<id>{} : o.order_),
         pre_(o.pre_),
-        end_(o.end_),
-        parent_(o.parent_),
-        tbeg_(o.tbeg_),
-        tmid_(o.tmid_),
-        owner_(o.owner_) {
-    bind();
-  }
+        mods_(o.mods_),
+        tens_(o.tens_),
+        order_ready_(!o.identity_) {}
   tree_index& operator=(const tree_index& o) {
     if (this != &o) {
       tree_index c(o);
@@ -233,83 +284,100 @@ class tree_index {
   }
   tree_index(tree_index&& o) noexcept
       : tree_(o.tree_),
-        layout_(o.layout_),
         n_(o.n_),
-        borrowed_(o.borrowed_),
         identity_(o.identity_),
         order_(std::move(o.order_)),
         pre_(std::move(o.pre_)),
-        end_(std::move(o.end_)),
-        parent_(std::move(o.parent_)),
-        tbeg_(std::move(o.tbeg_)),
-        tmid_(std::move(o.tmid_)),
-        owner_(std::move(o.owner_)) {
-    bind();
-  }
+        mods_(std::move(o.mods_)),
+        tens_(std::move(o.tens_)),
+        owner_(std::move(o.owner_)),
+        order_ready_(!identity_ || order_.size() == n_),
+        owners_ready_(owner_.size() == tens_.size()) {}
   tree_index& operator=(tree_index&& o) noexcept {
     tree_ = o.tree_;
-    layout_ = o.layout_;
     n_ = o.n_;
-    borrowed_ = o.borrowed_;
     identity_ = o.identity_;
     order_ = std::move(o.order_);
     pre_ = std::move(o.pre_);
-    end_ = std::move(o.end_);
-    parent_ = std::move(o.parent_);
-    tbeg_ = std::move(o.tbeg_);
-    tmid_ = std::move(o.tmid_);
+    mods_ = std::move(o.mods_);
+    tens_ = std::move(o.tens_);
     owner_ = std::move(o.owner_);
-    bind();
+    order_ready_.store(!identity_ || order_.size() == n_, std::memory_order_relaxed);
+    owners_ready_.store(owner_.size() == tens_.size(), std::memory_order_relaxed);
     return *this;
   }
   ~tree_index() = default;
 
   /// The nodes are in pre-order: position(m) == m and a subtree is the range [m, subtree_end(m)).
   bool preorder_is_identity() const noexcept { return identity_; }
-  /// The tree's flat layout (module_tree::layout), or nullptr.
-  const detail::tree_layout* layout() const noexcept { return layout_; }
-  /// The index borrows the layout's arrays (a tree built in pre-order): its aggregates and class
-  /// ids describe the same items.
-  bool borrows_layout() const noexcept { return borrowed_; }
   const module_tree& tree() const noexcept { return *tree_; }
   std::size_t modules() const noexcept { return n_; }
-  std::size_t tensors() const noexcept { return owner_v_->size(); }
-  std::size_t items() const noexcept { return n_ + owner_v_->size(); }
+  std::size_t tensors() const noexcept { return tens_.size(); }
+  std::size_t items() const noexcept { return n_ + tens_.size(); }
   /// Modules in pre-order (tree indices).
-  const std::vector<id>& preorder() const noexcept { return *order_v_; }
+  const std::vector<id>& preorder() const {
+    if (!order_ready_.load(std::memory_order_acquire)) {
+      // The identity, built on first use: a first plan never asks (positions are the indices).
+      std::lock_guard<std::mutex> lock(order_mutex_);
+      if (!order_ready_.load(std::memory_order_relaxed)) {
+        order_.resize(n_);
+        for (std::size_t i = 0; i < n_; ++i) order_[i] = static_cast<id>(i);
+        order_ready_.store(true, std::memory_order_release);
+      }
+    }
+    return order_;
+  }
+  /// Per module (by index) its parent, tensor range and subtree end, plus one last entry whose
+  /// first_tensor is the tensor count.
+  const detail::flat_module* flat_modules() const noexcept { return mods_.data(); }
+  /// Per tensor (item - modules()) its element count, dtype and whether it is a buffer.
+  const std::vector<detail::flat_tensor>& flat_tensors() const noexcept { return tens_; }
 
   bool is_module(id x) const noexcept { return x < n_; }
-  /// The module an item belongs to: itself for a module, the owner for a tensor.
-  id module_of(id x) const noexcept { return x < n_ ? x : owner_d_[x - n_]; }
+  /// The module an item belongs to: itself for a module, the owner for a tensor (the last
+  /// module whose first tensor is at or before it: a binary search until tensor_owners() was
+  /// asked for, since a plan looks up few tensors).
+  id module_of(id x) const noexcept {
+    if (x < n_) return x;
+    if (owners_ready_.load(std::memory_order_acquire)) return owner_[x - n_];
+    const id k = x - static_cast<id>(n_);
+    const auto it =
+        std::upper_bound(mods_.begin(), mods_.begin() + static_cast<std::ptrdiff_t>(n_), k,
+                         [](id v, const detail::flat_module& m) { return v < m.first_tensor; });
+    return static_cast<id>(it - mods_.begin()) - 1;
+  }
   /// Items of module m's direct parameters: [first_parameter(m), first_buffer(m)).
-  id first_parameter(id m) const noexcept { return static_cast<id>(n_ + tbeg_d_[m]); }
-  id first_buffer(id m) const noexcept { return static_cast<id>(n_ + tmid_d_[m]); }
+  id first_parameter(id m) const noexcept { return static_cast<id>(n_ + mods_[m].first_tensor); }
+  id first_buffer(id m) const noexcept { return static_cast<id>(n_ + mods_[m].first_buffer); }
   /// One past m's direct buffers.
-  id tensors_end(id m) const noexcept { return static_cast<id>(n_ + tbeg_d_[m + 1]); }
+  id tensors_end(id m) const noexcept { return static_cast<id>(n_ + mods_[m + 1].first_tensor); }
   /// Module m has child modules.
   bool has_children(id m) const noexcept { return subtree_end(m) != position(m) + 1; }
-  bool is_buffer(id x) const noexcept { return x >= n_ && x >= first_buffer(owner_d_[x - n_]); }
+  bool is_buffer(id x) const noexcept { return x >= n_ && tens_[x - n_].buffer; }
   const tensor_entry& tensor(id x) const {
-    const id m = owner_d_[x - n_];
+    const id m = module_of(x);
     const auto& nd = tree_->nodes()[m];
     const std::size_t k = x - first_parameter(m);
     return k < nd.parameters.size() ? nd.parameters[k] : nd.buffers[k - nd.parameters.size()];
   }
 
-  /// Per module: its parent (none for the root).
-  const std::vector<id>& parents() const noexcept { return *parent_v_; }
-  /// Per tensor (item - modules()): the module owning it.
-  const std::vector<id>& tensor_owners() const noexcept { return *owner_v_; }
+  /// Per tensor (item - modules()): the module owning it (built on first use).
+  const std::vector<id>& tensor_owners() const {
+    if (!owners_ready_.load(std::memory_order_acquire)) {
+      std::lock_guard<std::mutex> lock(order_mutex_);
+      if (!owners_ready_.load(std::memory_order_relaxed)) {
+        fill_owners();
+        owners_ready_.store(true, std::memory_order_release);
+      }
+    }
+    return owner_;
+  }
   /// The parent module, or none for the root.
-  id parent(id m) const noexcept { return parent_d_[m]; }
+  id parent(id m) const noexcept { return mods_[m].parent; }
   /// Pre-order position of module m.
   id position(id m) const noexcept { return identity_ ? m : pre_[m]; }
   /// One past the pre-order position of the last module of m's subtree.
-  id subtree_end(id m) const noexcept {
-    // A borrowed layout marks the subtrees still open (reaching the last module) with 0.
-    const id e = end_d_[m];
-    return e != 0 ? e : static_cast<id>(n_);
-  }
+  id subtree_end(id m) const noexcept { return mods_[m].subtree_end; }
   /// Module b lies in module a's subtree (a included).
   bool in_subtree(id a, id b) const noexcept {
     const id pb = position(b);
@@ -326,7 +394,7 @@ class tree_index {
   /// The dotted name of an item.
   std::string name(id x) const {
     if (x < n_) return tree_->nodes()[x].path;
-    return join_name(tree_->nodes()[owner_d_[x - n_]].path, tensor(x).name);
+    return join_name(tree_->nodes()[module_of(x)].path, tensor(x).name);
   }
   /// The item of a module or tensor name.
   std::optional<id> find(std::string_view name) const {
@@ -339,39 +407,35 @@ class tree_index {
   }
 
  private:
-  void bind() noexcept {
-    if (borrowed_) {
-      order_v_ = &layout_->identity;
-      end_v_ = &layout_->subtree_end;
-      parent_v_ = &layout_->parent;
-      tbeg_v_ = &layout_->first_tensor;
-      tmid_v_ = &layout_->first_buffer;
-      owner_v_ = &layout_->owner;
-    } else {
-      order_v_ = &order_;
-      end_v_ = &end_;
-      parent_v_ = &parent_;
-      tbeg_v_ = &tbeg_;
-      tmid_v_ = &tmid_;
-      owner_v_ = &owner_;
+  void fill_owners() const {
+    // Tensor k's owner is the last module whose first tensor is at or before k (the modules
+    // between own none). Without a branch per module (their tensor counts vary, and mispredicted
+    // loop exits were most of this): each module's index is written at its first tensor (a
+    // later module with the same first tensor overwrites it; one spare entry takes those
+    // starting at the end), then a running maximum fills the rest.
+    const std::size_t nt = tens_.size();
+    owner_.assign(nt + 1, 0);
+    id* o = owner_.data();
+    for (std::size_t i = 0; i < n_; ++i) o[mods_[i].first_tensor] = static_cast<id>(i);
+    id run = 0;
+    for (std::size_t k = 0; k < nt; ++k) {
+      run = std::max(run, o[k]);
+      o[k] = run;
     }
-    end_d_ = end_v_->data();
-    parent_d_ = parent_v_->data();
-    tbeg_d_ = tbeg_v_->data();
-    tmid_d_ = tmid_v_->data();
-    owner_d_ = owner_v_->data();
+    owner_.pop_back();
   }
 
   const module_tree* tree_;
-  const detail::tree_layout* layout_;
   std::size_t n_;
-  bool borrowed_ = false;  // the arrays are the layout's
-  bool identity_ = true;   // nodes are in pre-order: positions are the indices
-  std::vector<id> order_, pre_, end_, parent_, tbeg_, tmid_, owner_;
-  const std::vector<id>*order_v_ = nullptr, *end_v_ = nullptr, *parent_v_ = nullptr,
-        *tbeg_v_ = nullptr, *tmid_v_ = nullptr, *owner_v_ = nullptr;
-  const id *end_d_ = nullptr, *parent_d_ = nullptr, *tbeg_d_ = nullptr, *tmid_d_ = nullptr,
-           *owner_d_ = nullptr;
+  bool identity_ = true;           // nodes are in pre-order: positions are the indices
+  mutable std::vector<id> order_;  // pre-order; for an identity, filled on first use
+  std::vector<id> pre_;
+  detail::uninit_vector<detail::flat_module> mods_;  // n + 1 entries
+  std::vector<detail::flat_tensor> tens_;
+  mutable std::vector<id> owner_;  // filled on first use
+  mutable std::atomic<bool> order_ready_{false};
+  mutable std::atomic<bool> owners_ready_{false};
+  mutable std::mutex order_mutex_;
 };
 
 /// Sizes of every item of a tree_index, computed in one pass (no names involved).
@@ -421,7 +485,6 @@ inline void sum_item_sizes_up(const tree_index& ix, item_sizes& r) {
   const std::size_t n = ix.modules();
   // Raw pointers in locals: the char stores would otherwise make every vector reload.
   const id* order = ix.preorder().data();
-  const id* parent = ix.parents().data();
   byte_size* size = r.size.data();
   byte_size* buffers = r.buffers.data();
   char* counted = r.counted.data();
@@ -437,7 +500,7 @@ inline void sum_item_sizes_up(const tree_index& ix, item_sizes& r) {
       leaf_sum += size[i];
       ++leaf_count;
     }
-    const id p = parent[i];
+    const id p = ix.parent(i);
     size[p] += size[i];
     buffers[p] += buffers[i];
     if (counted[i]) {
@@ -482,14 +545,12 @@ inline item_sizes compute_item_sizes(const tree_index& ix,
     for (const auto& [name, b] : exact)
       if (auto x = ix.find(name); x && !ix.is_module(*x) && !fixed[*x - n]) fixed[*x - n] = b;
   }
-  const auto& nodes = ix.tree().nodes();
-  // With the tree's flat layout, element counts and dtypes come from one array and no node is
-  // read (a node is read only for a special dtype).
-  const detail::tree_layout* lay = ix.layout();
-  if (lay && alias.empty() && sp.empty() && fixed.empty() && !buffers_only) {
-    // The common case (no ties, special dtypes or exact sizes): every tensor counts, sized from
-    // the layout alone; each module's own total summed in registers.
-    const auto& ts = lay->tensors;
+  // Element counts and dtypes come from the index's flat tensors; a node is read only for a
+  // special dtype.
+  const auto& ts = ix.flat_tensors();
+  if (alias.empty() && sp.empty() && fixed.empty() && !buffers_only) {
+    // The common case (no ties, special dtypes or exact sizes): every tensor counts; each
+    // module's own total summed in registers.
     byte_size* size = r.size.data();
     char* counted = r.counted.data();
     std::size_t cached_key = ~std::size_t{0};
@@ -521,10 +582,10 @@ inline item_sizes compute_item_sizes(const tree_index& ix,
       }
     }
     r.any_buffers = any_buffers;
-    const auto* first = lay->first_tensor.data();  // n + 1 entries
     byte_size biggest{};
     for (std::size_t i = 0; i < n; ++i) {
-      const bool owns = first[i] != first[i + 1];
+      const auto m = static_cast<id>(i);
+      const bool owns = ix.first_parameter(m) != ix.tensors_end(m);
       counted[i] = owns;
       if (i != 0 && owns && size[i] > biggest) biggest = size[i];
     }
@@ -541,7 +602,6 @@ inline item_sizes compute_item_sizes(const tree_index& ix,
     const id fp = ix.first_parameter(m);
     const id fb = ix.first_buffer(m);
     const id te = ix.tensors_end(m);
-    const module_node* nd = lay ? nullptr : &nodes[i];
     byte_size direct{};
     bool owns = false;
     for (id x = buffers_only ? fb : fp; x < te; ++x) {
@@ -559,18 +619,8 @@ inline item_sizes compute_item_sizes(const tree_index& ix,
           special_hit = true;
         }
       if (!special_hit) {
-        std::int64_t numel = 1;
-        dtype dt;
-        if (lay) {
-          const auto& ft = lay->tensors[x - n];
-          numel = ft.numel;
-          dt = ft.dtype;
-        } else {
-          const auto& t = buf ? nd->buffers[x - fb] : nd->parameters[x - fp];
-          dt = t.dtype;
-          for (std::int64_t dim : t.shape)
-            if (__builtin_mul_overflow(numel, dim, &numel)) (void)t.shape.numel();  // throws
-        }
+        const std::int64_t numel = ts[x - n].numel;
+        const dtype dt = ts[x - n].dtype;
         // Eighths per element of this dtype under the rule, looked up once per dtype.
         auto& slot = per_element[buf][static_cast<std::size_t>(dt)];
         if (slot < 0) {
@@ -599,11 +649,11 @@ inline item_sizes compute_item_sizes(const tree_index& ix,
 namespace detail {
 
 /// Item sizes as planning reads them, one at a time: from a table computed for every item
-/// (item_sizes), or, when the tree's layout aggregates apply (a tree built in pre-order, no ties,
-/// special dtypes or exact sizes), computed on demand from them: a module's size is its
-/// subtree's element count per size key times that key's size, a tensor's its count times its
-/// key's size, so a first plan never sizes the modules it does not visit. Both give the same
-/// values (flags included) for every item, and the same totals.
+/// (item_sizes), or, for a tree whose nodes are in pre-order and without ties, special dtypes or
+/// exact sizes, from running sums over the tensors: a module's subtree is
+/// a contiguous range of tensors, so its size is the difference of two prefix sums, and a plan
+/// computes one sum per tensor (no per-module table) and sizes only the modules it visits. Both
+/// give the same values (flags included) for every item, and the same totals.
 class size_view {
  public:
   using id = tree_index::id;
@@ -614,99 +664,222 @@ class size_view {
         leaf_sum_(s.leaf_sum),
         leaf_count_(s.leaf_count),
         biggest_direct_(s.biggest_direct) {}
-  /// From the tree's aggregates, or nullopt when they do not apply (then compute_item_sizes).
-  static std::optional<size_view> from_aggregates(const tree_index& ix, std::optional<dtype> target,
-                                                  const special_dtypes& special, size_rule rule) {
-    const tree_layout* lay = ix.layout();
-    if (!lay || !ix.borrows_layout() || !lay->aggregates || !special.empty() ||
-        !ix.tree().tied_parameters().empty())
+  /// Running sums over the index's tensors, or nullopt when they do not apply (then
+  /// compute_item_sizes).
+  static std::optional<size_view> from_index(const tree_index& ix, std::optional<dtype> target,
+                                             const special_dtypes& special, size_rule rule) {
+    if (!ix.preorder_is_identity() || !special.empty() || !ix.tree().tied_parameters().empty())
       return std::nullopt;
     size_view v;
-    v.lay_ = lay;
+    v.ix_ = &ix;
     v.n_ = static_cast<id>(ix.modules());
-    v.keys_ = lay->key_count;
-    for (std::size_t k = 0; k < v.keys_; ++k) {
-      const auto [d, buffer] = lay->keys[k];
-      const tensor_entry unit{"", shape{1}, d, true};
-      v.slot_[k] = rule_tensor_size(unit, buffer, target, std::nullopt, rule).eighths();
-      const auto bit = static_cast<std::uint8_t>(1u << k);
-      if (v.slot_[k] % 8 != 0) v.float_mask_ = static_cast<std::uint8_t>(v.float_mask_ | bit);
-      if (buffer) v.buffer_mask_ = static_cast<std::uint8_t>(v.buffer_mask_ | bit);
+    const flat_tensor* ts = ix.flat_tensors().data();
+    const std::size_t nt = ix.flat_tensors().size();
+    // Eighths per element for every (dtype, buffer), so the pass below calls nothing.
+    static_assert(dtype_count <= 32);
+    std::array<std::int64_t, 64> per{};
+    for (std::size_t d = 0; d < dtype_count; ++d) {
+      per[d] = rule_element_eighths(static_cast<dtype>(d), false, target, rule);
+      per[32 + d] = rule_element_eighths(static_cast<dtype>(d), true, target, rule);
     }
-    // The modules still open (the newest and its ancestors) completed; the leaves among them
-    // join the finished ones.
-    tree_layout::counts leaves = lay->leaves;
-    v.leaf_count_ = lay->leaf_count;
-    v.open_.reserve(8);
-    bool ok = true;
-    ok = lay->for_each_open([&](id m, const tree_layout::counts& c, bool leaf) {
-      v.open_.emplace_back(m, c);
-      if (leaf) {
-        ok = leaves.add(c) && ok;
-        ++v.leaf_count_;
-      }
-    }) && ok;
+    // One running sum of eighths per tensor boundary. Buffers and fractional-sized tensors (a
+    // module's size is a Python float when one lies in its subtree, even of zero elements) are
+    // rare: listed by tensor index afterwards, found in a range by binary search. Checks are
+    // or-ed into flags, not branched on: this pass is a first plan's largest piece.
+    v.sum_.resize(nt + 1);
+    std::int64_t* sum = v.sum_.data();
+    sum[0] = 0;
+    std::int64_t total = 0;
+    unsigned bad = 0;
+    std::size_t first_rare = nt;
+    for (std::size_t k = 0; k < nt; ++k) {
+      const flat_tensor& t = ts[k];
+      const auto d = static_cast<unsigned>(t.dtype);
+      bad |= d >= dtype_count ? 1u : 0u;
+      const std::int64_t p = per[(t.buffer ? 32u : 0u) | (d & 31u)];
+      std::int64_t e;
+      bad |= __builtin_mul_overflow(t.numel, p, &e) ? 1u : 0u;
+      bad |= __builtin_add_overflow(total, e, &total) ? 1u : 0u;
+      sum[k + 1] = total;
+      const bool rare = t.buffer || (p & 7) != 0;
+      first_rare = rare && first_rare == nt ? k : first_rare;
+    }
+    const bool ok = bad == 0;
     if (!ok) return std::nullopt;
-    v.any_buffers_ = (v.counts_of(0).mask & v.buffer_mask_) != 0;
-    v.leaf_sum_ = v.of(leaves, 0xff);
-    // The largest direct size: the first module reaching it keeps its flag in the table; the
-    // planner reads only the value.
-    lay->for_each_direct([&](const tree_layout::counts& c) {
-      const byte_size b = v.of(c, 0xff);
-      if (b > v.biggest_direct_) v.biggest_direct_ = b;
-    });
+    if (first_rare != nt) {
+      std::int64_t buffers = 0;
+      for (std::size_t k = first_rare; k < nt; ++k) {
+        const flat_tensor& t = ts[k];
+        const std::int64_t p = per[(t.buffer ? 32u : 0u) | static_cast<unsigned>(t.dtype)];
+        if (t.buffer) {
+          buffers += t.numel * p;  // no overflow: part of the total above
+          v.buffer_at_.push_back(static_cast<id>(k));
+          v.buffer_sum_.push_back(buffers);
+          if (p % 8 != 0) v.float_buffer_at_.push_back(static_cast<id>(k));
+        }
+        if (p % 8 != 0) v.float_at_.push_back(static_cast<id>(k));
+      }
+    }
+    v.any_buffers_ = !v.buffer_at_.empty();
     return v;
   }
 
   /// An item's size: a module's subtree, a tensor's own.
   byte_size size(id x) const noexcept {
     if (full_) return full_->size[x];
-    if (x < n_) return of(counts_of(x), 0xff);
-    const auto& t = lay_->tensors[x - n_];
-    return byte_size::from_eighths(t.numel * slot_[t.key], ((float_mask_ >> t.key) & 1u) != 0);
+    std::size_t b, e;
+    range(x, b, e);
+    return byte_size::from_eighths(sum_[e] - sum_[b], any_in(float_at_, b, e));
   }
   /// The item has an entry in accelerate's name -> size map.
   bool counted(id x) const noexcept {
     if (full_) return full_->counted[x] != 0;
-    return x >= n_ || counts_of(x).mask != 0;
+    if (x >= n_) return true;
+    std::size_t b, e;
+    range(x, b, e);
+    return e != b;
   }
   /// Bytes of the buffers in module m's subtree.
   byte_size buffers(id m) const noexcept {
     if (full_) return full_->buffers[m];
-    return of(counts_of(m), buffer_mask_);
+    if (buffer_at_.empty()) return byte_size{};
+    std::size_t b, e;
+    range(m, b, e);
+    if (e <= buffer_at_.front() || b > buffer_at_.back()) return byte_size{};  // most modules
+    // The buffers listed in [b, e): their running sum after the last one minus before the first.
+    const auto first = std::lower_bound(buffer_at_.begin(), buffer_at_.end(), b);
+    const auto last = std::lower_bound(first, buffer_at_.end(), e);
+    if (first == last) return byte_size{};
+    const auto i = static_cast<std::size_t>(first - buffer_at_.begin());
+    const auto j = static_cast<std::size_t>(last - buffer_at_.begin());
+    return byte_size::from_eighths(buffer_sum_[j - 1] - (i == 0 ? 0 : buffer_sum_[i - 1]),
+                                   any_in(float_buffer_at_, b, e));
   }
   bool any_buffers() const noexcept { return any_buffers_; }
-  byte_size leaf_sum() const noexcept { return leaf_sum_; }
-  std::int64_t leaf_count() const noexcept { return leaf_count_; }
-  byte_size biggest_direct() const noexcept { return biggest_direct_; }
+  /// accelerate's get_balanced_memory leaves (the lowest modules owning tensors) summed and
+  /// counted, and Transformers' biggest leaf (the largest sum of tensors one non-root module owns
+  /// directly); from the layout, one pass over the modules, on first use (sequential plans
+  /// never ask).
+  byte_size leaf_sum() const {
+    leaf_stats();
+    return leaf_sum_;
+  }
+  std::int64_t leaf_count() const {
+    leaf_stats();
+    return leaf_count_;
+  }
+  byte_size biggest_direct() const {
+    leaf_stats();
+    return biggest_direct_;
+  }
+
+  size_view(const size_view& o)
+      : full_(o.full_),
+        ix_(o.ix_),
+        n_(o.n_),
+        sum_(o.sum_),
+        buffer_sum_(o.buffer_sum_),
+        buffer_at_(o.buffer_at_),
+        float_at_(o.float_at_),
+        float_buffer_at_(o.float_buffer_at_),
+        any_buffers_(o.any_buffers_),
+        leaf_sum_(o.leaf_sum_),
+        leaf_count_(o.leaf_count_),
+        biggest_direct_(o.biggest_direct_),
+        leaves_ready_(o.leaves_ready_.load(std::memory_order_acquire)) {}
+  size_view(size_view&& o) noexcept
+      : full_(o.full_),
+        ix_(o.ix_),
+        n_(o.n_),
+        sum_(std::move(o.sum_)),
+        buffer_sum_(std::move(o.buffer_sum_)),
+        buffer_at_(std::move(o.buffer_at_)),
+        float_at_(std::move(o.float_at_)),
+        float_buffer_at_(std::move(o.float_buffer_at_)),
+        any_buffers_(o.any_buffers_),
+        leaf_sum_(o.leaf_sum_),
+        leaf_count_(o.leaf_count_),
+        biggest_direct_(o.biggest_direct_),
+        leaves_ready_(o.leaves_ready_.load(std::memory_order_acquire)) {}
+  size_view& operator=(const size_view&) = delete;
+  size_view& operator=(size_view&&) = delete;
+  ~size_view() = default;
 
  private:
   size_view() = default;
-  // A module's complete subtree counts: the layout's entry, or for a module still open (its
-  // subtree reaches the last module) the completed one.
-  const tree_layout::counts& counts_of(id m) const noexcept {
-    if (lay_->subtree_end[m] == 0)
-      for (const auto& [a, c] : open_)
-        if (a == m) return c;
-    return lay_->subtree[m];
+  // Item x's tensors: [b, e) in the running sums (a module's subtree, a tensor itself).
+  void range(id x, std::size_t& b, std::size_t& e) const noexcept {
+    if (x >= n_) {
+      b = x - n_;
+      e = b + 1;
+      return;
+    }
+    const flat_module* mods = ix_->flat_modules();
+    b = mods[x].first_tensor;
+    e = mods[ix_->subtree_end(x)].first_tensor;
   }
-  byte_size of(const tree_layout::counts& c, std::uint8_t keys) const noexcept {
-    std::int64_t e = 0;
-    for (std::size_t k = 0; k < keys_; ++k)
-      if ((keys >> k) & 1u) e += c.numel[k] * slot_[k];
-    return byte_size::from_eighths(e, (c.mask & keys & float_mask_) != 0);
+  // Some listed tensor index lies in [b, e).
+  static bool any_in(const std::vector<id>& at, std::size_t b, std::size_t e) noexcept {
+    if (at.empty() || e <= at.front() || b > at.back()) return false;
+    const auto it = std::lower_bound(at.begin(), at.end(), b);
+    return it != at.end() && *it < e;
   }
+  void leaf_stats() const {
+    if (full_ || leaves_ready_.load(std::memory_order_acquire)) return;
+    std::lock_guard<std::mutex> lock(leaf_mutex_);
+    if (leaves_ready_.load(std::memory_order_relaxed)) return;
+    // A leaf owns tensors and no module below it does: its subtree's tensors are its own.
+    const flat_module* mods = ix_->flat_modules();
+    const std::int64_t* sum = sum_.data();
+    std::int64_t leaf_eighths = 0, count = 0;
+    bool leaf_float = false;
+    byte_size biggest{};
+    if (float_at_.empty()) {
+      // Whole sizes only: no branch per module (tensor-owning and empty modules alternate).
+      std::int64_t big = 0;
+      for (id m = 1; m < n_; ++m) {
+        const id b = mods[m].first_tensor, own_end = mods[m + 1].first_tensor;
+        const id se = mods[m].subtree_end;
+        const id sub_end = mods[se].first_tensor;
+        const std::int64_t own = sum[own_end] - sum[b];
+        big = std::max(big, own);
+        const bool leaf = (b != own_end) & (sub_end == own_end);
+        leaf_eighths += leaf ? own : 0;
+        count += leaf ? 1 : 0;
+      }
+      biggest = byte_size::from_eighths(big, false);
+    } else {
+      for (id m = 1; m < n_; ++m) {
+        const id b = mods[m].first_tensor, own_end = mods[m + 1].first_tensor;
+        if (b == own_end) continue;
+        const byte_size own =
+            byte_size::from_eighths(sum[own_end] - sum[b], any_in(float_at_, b, own_end));
+        if (own > biggest) biggest = own;
+        if (mods[ix_->subtree_end(m)].first_tensor == own_end) {
+          leaf_eighths += own.eighths();
+          leaf_float = leaf_float || own.is_float();
+          ++count;
+        }
+      }
+    }
+    leaf_sum_ = byte_size::from_eighths(leaf_eighths, leaf_float);
+    leaf_count_ = count;
+    biggest_direct_ = biggest;
+    leaves_ready_.store(true, std::memory_order_release);
+  }
+
   const item_sizes* full_ = nullptr;
-  const tree_layout* lay_ = nullptr;
-  std::vector<std::pair<id, tree_layout::counts>> open_;
+  const tree_index* ix_ = nullptr;
   id n_ = 0;
-  std::size_t keys_ = 0;
-  std::array<std::int64_t, tree_layout::max_keys> slot_{};
-  std::uint8_t float_mask_ = 0, buffer_mask_ = 0;
+  uninit_vector<std::int64_t> sum_;                         // per tensor boundary
+  std::vector<std::int64_t> buffer_sum_;                    // after each listed buffer
+  std::vector<id> buffer_at_, float_at_, float_buffer_at_;  // tensor indices, ascending
   bool any_buffers_ = false;
-  byte_size leaf_sum_;
-  std::int64_t leaf_count_ = 0;
-  byte_size biggest_direct_;
+  mutable byte_size leaf_sum_;
+  mutable std::int64_t leaf_count_ = 0;
+  mutable byte_size biggest_direct_;
+  mutable std::atomic<bool> leaves_ready_{false};
+  mutable std::mutex leaf_mutex_;
 };
 
 }  // namespace detail

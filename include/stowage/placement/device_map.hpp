@@ -48,12 +48,38 @@ class device_map {
     }
     append(std::string(name), d);
   }
-  /// Appends a key the caller knows is not in the map yet (the planner's output path).
+  /// Appends keys the caller knows are not in the map yet and are distinct, in order: `names`
+  /// (anything whose elements convert to std::string_view) with `devices(i)` for the i-th. The
+  /// planner's output path: keys are copied first, then hashed in one loop (independent hashes
+  /// overlap), then placed.
+  template <class Names, class Devices>
+  void append_new_all(const Names& names, Devices&& devices) {
+    const std::size_t base = entries_.size(), n = std::size(names);
+    if (base + n >= 0xfffffffeu) throw device_map_error("device map: too many keys");
+    entries_.reserve(base + n);
+    if (slots_.size() < 4 * (base + n)) rehash(4 * (base + n));
+    std::size_t i = 0;
+    for (const auto& name : names) {
+      entries_.emplace_back(std::string(std::string_view(name)), devices(i));
+      ++i;
+    }
+    std::vector<std::uint64_t> h(n);
+    for (std::size_t k = 0; k < n; ++k) h[k] = hash_of(entries_[base + k].first);
+    const std::size_t mask = slots_.size() - 1;
+    for (std::size_t k = 0; k < n; ++k) {
+      std::size_t at = slot_of(h[k]);
+      while (slots_[at] != empty_) at = (at + 1) & mask;
+      slots_[at] = static_cast<std::uint32_t>(base + k);
+    }
+  }
+  /// Appends a key the caller knows is not in the map yet.
   void append_new(const std::string& name, device d) { append(name, d); }
   void append_new(std::string&& name, device d) { append(std::move(name), d); }
   void reserve(std::size_t n) {
     entries_.reserve(n);
-    if (slots_.size() < 2 * n) rehash(2 * n);
+    // A quarter full: fewer collisions, whose unpredictable extra probe cost more than the
+    // larger table.
+    if (slots_.size() < 4 * n) rehash(4 * n);
   }
   bool erase(std::string_view name) {
     const std::size_t i = lookup(name);
@@ -173,41 +199,42 @@ class device_map {
   // probing, at most half full), so adding a key allocates nothing but the key itself.
   static constexpr std::size_t npos_ = static_cast<std::size_t>(-1);
   static constexpr std::uint32_t empty_ = 0xffffffffu;
-  // Keys are short dotted names: a word at a time (the last word overlapping the one before),
-  // then a 64-bit finalizer so the low bits the table uses depend on every byte. std::hash's
-  // byte loop was a measurable share of planning.
-  static std::size_t hash_of(std::string_view s) noexcept {
+  // Keys are short dotted names ("model.layers.17"): the first and last words (overlapping)
+  // multiplied independently, so hashing one costs two multiplies in parallel and one after
+  // (longer keys fold their middle words in first); the slot is taken from the high bits of the
+  // last product, which depend on every input bit. A byte loop (std::hash), then a word loop
+  // with a finalizer, were measurable shares of a first plan.
+  static std::uint64_t hash_of(std::string_view s) noexcept {
     const char* p = s.data();
-    std::size_t n = s.size();
-    std::uint64_t h = 0x9e3779b97f4a7c15ull ^ n;
+    const std::size_t n = s.size();
     auto word = [](const char* q) {
       std::uint64_t w;
       std::memcpy(&w, q, sizeof w);
       return w;
     };
-    auto mix = [&h](std::uint64_t w) {
-      h = (h ^ w) * 0xbf58476d1ce4e5b9ull;
-      h ^= h >> 29;
-    };
+    std::uint64_t a, b;
     if (n >= 8) {
-      const char* last = p + n - 8;
-      for (; p < last; p += 8) mix(word(p));
-      mix(word(last));
+      a = word(p);
+      b = word(p + n - 8);
+      for (std::size_t i = 8; i + 8 < n; i += 8)
+        a = (a ^ word(p + i)) * 0x9e3779b97f4a7c15ull + (a >> 32);
     } else {
-      std::uint64_t w = 0;
+      a = 0;
       for (std::size_t i = 0; i < n; ++i)
-        w |= static_cast<std::uint64_t>(static_cast<unsigned char>(p[i])) << (8 * i);
-      mix(w);
+        a |= static_cast<std::uint64_t>(static_cast<unsigned char>(p[i])) << (8 * i);
+      b = 0;
     }
-    h ^= h >> 30;
-    h *= 0x94d049bb133111ebull;
-    h ^= h >> 31;
-    return static_cast<std::size_t>(h);
+    const std::uint64_t x = (a ^ 0x243f6a8885a308d3ull) * 0xbf58476d1ce4e5b9ull;
+    const std::uint64_t y = (b ^ n) * 0x94d049bb133111ebull;
+    return (x ^ ((y >> 32) | (y << 32))) * 0x9e3779b97f4a7c15ull;
+  }
+  std::size_t slot_of(std::uint64_t h) const noexcept {
+    return static_cast<std::size_t>(h >> shift_);
   }
   std::size_t lookup(std::string_view name) const noexcept {
     if (slots_.empty()) return npos_;
     const std::size_t mask = slots_.size() - 1;
-    for (std::size_t h = hash_of(name) & mask;; h = (h + 1) & mask) {
+    for (std::size_t h = slot_of(hash_of(name));; h = (h + 1) & mask) {
       const std::uint32_t v = slots_[h];
       if (v == empty_) return npos_;
       if (entries_[v].first == name) return v;
@@ -215,13 +242,18 @@ class device_map {
   }
   void place(std::uint32_t pos) {
     const std::size_t mask = slots_.size() - 1;
-    std::size_t h = hash_of(entries_[pos].first) & mask;
+    std::size_t h = slot_of(hash_of(entries_[pos].first));
     while (slots_[h] != empty_) h = (h + 1) & mask;
     slots_[h] = pos;
   }
   void rehash(std::size_t want) {
     std::size_t cap = 16;
-    while (cap < want || cap < 2 * entries_.size() + 2) cap *= 2;
+    int bits = 4;
+    while (cap < want || cap < 2 * entries_.size() + 2) {
+      cap *= 2;
+      ++bits;
+    }
+    shift_ = 64 - bits;
     slots_.assign(cap, empty_);
     for (std::size_t i = 0; i < entries_.size(); ++i) place(static_cast<std::uint32_t>(i));
   }
@@ -236,6 +268,7 @@ class device_map {
   }
   std::vector<std::pair<std::string, device>> entries_;
   std::vector<std::uint32_t> slots_;
+  int shift_ = 60;  // 64 - log2(slots_.size())
 };
 
 /// Writes a device map as accelerate's JSON (2-space indented). Throws io_error.

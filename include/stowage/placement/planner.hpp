@@ -205,7 +205,7 @@ namespace detail {
 struct plan_scratch {
   using id = tree_index::id;
   std::vector<id> queue;  ///< the work queue, front at the back
-  std::vector<id> max_names, stack, kids, search, partners, unique_partners, tie_params;
+  std::vector<id> requeued, stack, kids, search, partners, unique_partners, tie_params;
   std::vector<std::uint32_t> slot;  ///< per item: position in `placed`, or none
   std::vector<std::pair<id, device>> placed;
   // clean_device_map over items, per module
@@ -228,42 +228,39 @@ struct plan_scratch {
   };
   std::vector<map_frame> frames;
   std::vector<map_key> keys;
+  std::vector<std::string_view> map_names;
+  std::vector<std::string> joined;
 
   /// Room for a typical plan (a few hundred entries), so a first plan does not grow every list
   /// through a dozen reallocations.
   void reserve() {
-    for (auto* v : {&queue, &max_names, &kids}) v->reserve(256);
+    for (auto* v : {&queue, &kids}) v->reserve(256);
     placed.reserve(256);
     frames.reserve(32);
     keys.reserve(256);
+    map_names.reserve(256);
   }
 };
 
-/// Appends to `out` the positions of `value` in `bytes`, in order: eight bytes at a time, each
-/// word's matching bytes found exactly (a byte is zero after the xor iff its flag bit is set),
-/// so a no-split lookup over a thousand modules costs about a hundred word tests.
-inline void find_bytes(const std::vector<std::uint8_t>& bytes, std::uint8_t value,
-                       std::vector<tree_index::id>& out) {
-  const std::size_t n = bytes.size();
-  const std::uint8_t* p = bytes.data();
-  std::size_t i = 0;
-  if constexpr (std::endian::native == std::endian::little) {
-    constexpr std::uint64_t low7 = 0x7f7f7f7f7f7f7f7full;
-    const std::uint64_t splat = 0x0101010101010101ull * value;
-    for (; i + 8 <= n; i += 8) {
-      std::uint64_t w;
-      std::memcpy(&w, p + i, sizeof w);
-      const std::uint64_t v = w ^ splat;  // matching bytes are zero
-      std::uint64_t hit = ~(((v & low7) + low7) | v | low7);
-      while (hit != 0) {
-        out.push_back(
-            static_cast<tree_index::id>(i + static_cast<std::size_t>(std::countr_zero(hit)) / 8));
-        hit &= hit - 1;
-      }
-    }
+/// Equal strings, compared inline a word at a time (class names are short; a memcmp call per
+/// module visited was a measurable part of a first plan).
+inline bool same_text(std::string_view a, std::string_view b) noexcept {
+  const std::size_t n = a.size();
+  if (n != b.size()) return false;
+  const char *p = a.data(), *q = b.data();
+  auto word = [](const char* x) {
+    std::uint64_t w;
+    std::memcpy(&w, x, sizeof w);
+    return w;
+  };
+  if (n >= 8) {
+    for (std::size_t i = 0; i + 8 < n; i += 8)
+      if (word(p + i) != word(q + i)) return false;
+    return word(p + n - 8) == word(q + n - 8);
   }
-  for (; i < n; ++i)
-    if (p[i] == value) out.push_back(static_cast<tree_index::id>(i));
+  for (std::size_t i = 0; i < n; ++i)
+    if (p[i] != q[i]) return false;
+  return true;
 }
 
 /// Entries derived once and then only read, shared by threads: lookups walk a published list
@@ -387,21 +384,25 @@ class plan_context {
     if (!q) {
       std::lock_guard<std::mutex> lock(s.mutex);
       if (const auto* e = s.views.find(match)) return e->value;
-      v = detail::size_view::from_aggregates(s.index, d, sp, rule);
+      if (auto f = detail::size_view::from_index(s.index, d, sp, rule)) v.emplace(std::move(*f));
     }
     if (!v) v.emplace(sizes(d, sp, rule, q, estimate, output_embeddings));
     std::lock_guard<std::mutex> lock(s.mutex);
     if (const auto* e = s.views.find(match)) return e->value;
     std::optional<quant_key> k;
     if (q) k = quant_key{*q, estimate, std::string(output_embeddings)};
-    return s.views.add({d, sp, rule, std::move(k), *v}).value;
+    return s.views.add({d, sp, rule, std::move(k), std::move(*v)}).value;
   }
 
-  /// Modules whose class is in a no-split list.
+  /// Modules whose class is in a no-split list, as far as planning looks: every module not
+  /// strictly below another no-split module. Planning never splits a no-split module, so it never
+  /// asks about the modules inside one; and a module nested in one is no larger than it, so the
+  /// largest instance is among those found. A walk from the root that does not descend into an
+  /// instance compares the class names of a few dozen modules of a Llama, not of all of them.
   struct split_info {
     std::vector<std::string> classes;
-    std::vector<char> flag;     ///< per module
-    std::vector<id> instances;  ///< flagged modules in pre-order
+    std::vector<char> flag;     ///< per module (0 for the modules inside an instance)
+    std::vector<id> instances;  ///< the outermost instances, in pre-order
   };
   const split_info& no_split(const std::vector<std::string>& classes) {
     shared& sh = *data_;
@@ -409,59 +410,100 @@ class plan_context {
     if (const auto* e = sh.splits.find(match)) return *e;
     std::lock_guard<std::mutex> lock(sh.mutex);
     if (const auto* e = sh.splits.find(match)) return *e;
-    split_info s{classes, std::vector<char>(sh.index.modules(), 0), {}};
-    const detail::tree_layout* lay = sh.index.layout();
-    if (lay && sh.index.borrows_layout() && lay->classes_usable) {
-      // The tree interned class names as it was built: one byte per module is compared (in
-      // index order, which is pre-order here), no node is read.
-      std::vector<std::uint8_t> wanted;
-      for (const auto& c : classes)
-        if (const id k = lay->class_id(c); k != detail::tree_layout::none)
-          if (std::find(wanted.begin(), wanted.end(), k) == wanted.end())
-            wanted.push_back(static_cast<std::uint8_t>(k));
+    const tree_index& ix = sh.index;
+    const auto& nodes = tree().nodes();
+    split_info s{classes, std::vector<char>(ix.modules(), 0), {}};
+    if (!classes.empty()) {
+      auto class_of = [&](id m) -> std::size_t {
+        const std::string& c = nodes[m].class_name;
+        for (std::size_t k = 0; k < classes.size(); ++k)
+          if (detail::same_text(classes[k], c)) return k;
+        return classes.size();
+      };
       s.instances.reserve(128);
-      for (std::uint8_t k : wanted) detail::find_bytes(lay->class_of, k, s.instances);
-      if (wanted.size() > 1) std::sort(s.instances.begin(), s.instances.end());
-      for (id i : s.instances) s.flag[i] = 1;
-      return sh.splits.add(std::move(s));
-    }
-    if (!classes.empty())
-      for (id i : sh.index.preorder()) {
-        const auto& c = tree().nodes()[i].class_name;
-        if (std::find(classes.begin(), classes.end(), c) != classes.end()) {
-          s.flag[i] = 1;
-          s.instances.push_back(i);
+      auto hit = [&](id m) {
+        s.flag[m] = 1;
+        s.instances.push_back(m);
+      };
+      if (ix.preorder_is_identity()) {
+        // Pre-order indices: the next module is m + 1, or past m's subtree for an instance.
+        const id n = static_cast<id>(ix.modules());
+        for (id m = 0; m < n;) {
+          const std::size_t k = class_of(m);
+          if (k == classes.size()) {
+            ++m;
+            continue;
+          }
+          hit(m);
+          // The root is never planned as one block: the modules below it are still looked at.
+          m = m == 0 ? 1 : ix.subtree_end(m);
+        }
+      } else {
+        std::vector<std::size_t> stack{0};
+        while (!stack.empty()) {
+          const auto m = static_cast<id>(stack.back());
+          stack.pop_back();
+          if (class_of(m) != classes.size()) {
+            hit(m);
+            if (m != 0) continue;
+          }
+          const auto& ch = nodes[m].children;
+          for (auto it = ch.rbegin(); it != ch.rend(); ++it) stack.push_back(*it);
         }
       }
+    }
     return sh.splits.add(std::move(s));
   }
-
-  /// Per module: the largest layer of its subtree, a layer being a module without children or
-  /// of a no-split class (accelerate's get_max_layer_size, cached per subtree).
-  const std::vector<byte_size>& layer_maxima(const item_sizes& s, const split_info& ns) {
-    shared& sh = *data_;
-    auto match = [&](const maxima_entry& e) { return e.sizes == &s && e.split == &ns; };
-    if (const auto* e = sh.maxima.find(match)) return e->value;
-    std::lock_guard<std::mutex> lock(sh.mutex);
-    if (const auto* e = sh.maxima.find(match)) return e->value;
+  /// accelerate's choice in get_balanced_memory: the first module of each no-split class in the
+  /// order of compute_module_sizes' entries (the root left out): the modules whose subtree holds
+  /// a parameter in pre-order, then those holding only buffers; as (class, module) in order of
+  /// discovery. Only a fit report asks (to name the §9.6 difference). With one class its first
+  /// instance is an outermost one (an instance without parameters holds none below it either);
+  /// with several, one class may first occur inside another's instance, so every module is
+  /// looked at.
+  std::vector<std::pair<std::size_t, id>> first_instances(const split_info& ns,
+                                                          const detail::size_view& sz) {
+    std::vector<std::pair<std::size_t, id>> out;
     const auto& nodes = tree().nodes();
-    const tree_index& ix = sh.index;
-    std::vector<byte_size> v(ix.modules());
-    const auto& order = ix.preorder();
-    for (std::size_t k = order.size(); k-- > 0;) {
-      const id i = order[k];
-      if (!ix.has_children(i) || ns.flag[i]) {
-        v[i] = s.size[i];
-      } else {
-        byte_size b{};
-        for (std::size_t c : nodes[i].children) b = std::max(b, v[c]);
-        v[i] = b;
+    const tree_index& ix = index();
+    auto has_parameter = [&](id m) {
+      if (ix.preorder_is_identity()) {
+        for (id k = m; k < ix.subtree_end(m); ++k)
+          if (ix.first_buffer(k) != ix.first_parameter(k)) return true;
+        return false;
       }
+      std::vector<std::size_t> stack{m};
+      while (!stack.empty()) {
+        const auto k = static_cast<id>(stack.back());
+        stack.pop_back();
+        if (ix.first_buffer(k) != ix.first_parameter(k)) return true;
+        for (std::size_t c : nodes[k].children) stack.push_back(c);
+      }
+      return false;
+    };
+    auto add = [&](id m, bool with_parameter) {
+      if (m == 0) return;
+      std::size_t k = 0;
+      while (k < ns.classes.size() && ns.classes[k] != nodes[m].class_name) ++k;
+      if (k == ns.classes.size()) return;
+      for (const auto& e : out)
+        if (e.first == k) return;
+      if (sz.counted(m) && has_parameter(m) == with_parameter) out.emplace_back(k, m);
+    };
+    for (const bool with_parameter : {true, false}) {
+      if (ns.classes.size() == 1) {
+        for (id m : ns.instances)
+          if (add(m, with_parameter), !out.empty()) break;
+      } else if (!ns.classes.empty()) {
+        for (id m : ix.preorder()) add(m, with_parameter);
+      }
+      if (out.size() == ns.classes.size()) break;
     }
-    return sh.maxima.add({&s, &ns, std::move(v)}).value;
+    return out;
   }
 
-  /// The largest layer of each module's subtree (as layer_maxima), for the modules planning can
+  /// The largest layer of each module's subtree (accelerate's get_max_layer_size per subtree: a
+  /// layer is a module without children or of a no-split class), for the modules planning can
   /// ask about only: the root's children and, below them, the children of every module planning
   /// may split (one with children, not of a no-split class). Planning never looks further down,
   /// so a first plan sizes a few dozen modules here, not the tree; the other entries are never
@@ -471,6 +513,7 @@ class plan_context {
     const split_info* split;
     std::unique_ptr<std::int64_t[]> eighths;  // per module
     std::unique_ptr<bool[]> is_float;
+    std::unique_ptr<std::uint32_t[]> count;  // per module: its layers of that largest size
     byte_size at(id m) const noexcept { return byte_size::from_eighths(eighths[m], is_float[m]); }
   };
   const layer_table& planning_layers(const detail::size_view& v, const split_info& ns) {
@@ -483,21 +526,33 @@ class plan_context {
     const std::size_t n = ix.modules();
     // Uninitialised on purpose: only the entries planning reads are written.
     layer_table t{&v, &ns, std::unique_ptr<std::int64_t[]>(new std::int64_t[n]),
-                  std::unique_ptr<bool[]>(new bool[n])};
+                  std::unique_ptr<bool[]>(new bool[n]),
+                  std::unique_ptr<std::uint32_t[]>(new std::uint32_t[n])};
     const auto& nodes = tree().nodes();
     auto fill = [&](auto& self, id m) -> byte_size {
       byte_size b{};
+      std::uint32_t k = 0;
+      auto take = [&](id c) {
+        const byte_size x = self(self, c);
+        if (k == 0 || x > b) {
+          b = x;
+          k = t.count[c];
+        } else if (x == b) {
+          k += t.count[c];
+        }
+      };
       if (!ix.has_children(m) || ns.flag[m]) {
         b = v.size(m);
+        k = 1;
       } else if (ix.preorder_is_identity()) {
         // Children in pre-order: m + 1, then each one's subtree end (no node is read).
-        for (id c = m + 1; c < ix.subtree_end(m); c = ix.subtree_end(c))
-          b = std::max(b, self(self, c));
+        for (id c = m + 1; c < ix.subtree_end(m); c = ix.subtree_end(c)) take(c);
       } else {
-        for (std::size_t c : nodes[m].children) b = std::max(b, self(self, static_cast<id>(c)));
+        for (std::size_t c : nodes[m].children) take(static_cast<id>(c));
       }
       t.eighths[m] = b.eighths();
       t.is_float[m] = b.is_float();
+      t.count[m] = k;
       return b;
     };
     for (std::size_t c : nodes[0].children) fill(fill, static_cast<id>(c));
@@ -558,11 +613,7 @@ class plan_context {
     std::optional<quant_key> quant;
     detail::size_view value;
   };
-  struct maxima_entry {
-    const item_sizes* sizes;
-    const split_info* split;
-    std::vector<byte_size> value;
-  };
+
   /// What depends only on the tree, kept with it and shared by its contexts. Entries are only
   /// ever added (under the mutex) and never change, so references handed out stay valid and
   /// lookups need no lock. One spare scratch space is kept for the next context.
@@ -585,7 +636,6 @@ class plan_context {
     detail::append_only_list<sizes_entry> sizes;
     detail::append_only_list<view_entry> views;
     detail::append_only_list<split_info> splits;
-    detail::append_only_list<maxima_entry> maxima;
     detail::append_only_list<layer_table> layers;
     detail::append_only_list<tie_info> ties;            // one entry once computed
     std::atomic<detail::plan_scratch*> spare{nullptr};  // one scratch space kept for reuse
@@ -686,29 +736,21 @@ inline max_memory get_balanced_memory(plan_context& ctx, const max_memory& mm,
 
   byte_size buffer{};
   if (!opt.no_split.empty()) {
-    // Per class: its first instance (accelerate) and its largest (stowage, §9.6).
-    std::vector<std::pair<const std::string*, std::pair<byte_size, byte_size>>> per_class;
-    for (auto i : ctx.no_split(opt.no_split).instances) {
-      if (i == 0 || !sz.counted(i)) continue;
-      const std::string& c = ctx.tree().nodes()[i].class_name;
-      const byte_size s = sz.size(i);
-      auto it = std::find_if(per_class.begin(), per_class.end(),
-                             [&](const auto& e) { return *e.first == c; });
-      if (it == per_class.end())
-        per_class.push_back({&c, {s, s}});
-      else
-        it->second.second = std::max(it->second.second, s);
+    // The largest instance (stowage, §9.6); accelerate takes each class's first instance.
+    const auto& ns = ctx.no_split(opt.no_split);
+    byte_size fixed_buffer{};
+    for (auto i : ns.instances)
+      if (i != 0 && sz.counted(i)) fixed_buffer = std::max(fixed_buffer, sz.size(i));
+    if (report) {
+      byte_size acc_buffer{};
+      for (const auto& [k, m] : ctx.first_instances(ns, sz))
+        acc_buffer = std::max(acc_buffer, sz.size(m));
+      if (acc_buffer != fixed_buffer)
+        report->deviate("§9.6", "no-split buffer uses the largest instance (" +
+                                    fixed_buffer.to_python_string() +
+                                    " bytes); accelerate takes the first instance (" +
+                                    acc_buffer.to_python_string() + ")");
     }
-    byte_size acc_buffer{}, fixed_buffer{};
-    for (const auto& [c, fl] : per_class) {
-      acc_buffer = std::max(acc_buffer, fl.first);
-      fixed_buffer = std::max(fixed_buffer, fl.second);
-    }
-    if (report && acc_buffer != fixed_buffer)
-      report->deviate("§9.6", "no-split buffer uses the largest instance (" +
-                                  fixed_buffer.to_python_string() +
-                                  " bytes); accelerate takes the first instance (" +
-                                  acc_buffer.to_python_string() + ")");
     buffer = fixed_buffer;
   }
   // Mean size of the lowest modules that own tensors; int(sum / max(count, 1)).
@@ -836,7 +878,10 @@ class item_planner {
   }
 
   /// accelerate's get_max_layer_size over the queue (tensors only on the first call), from the
-  /// cached subtree maxima: names are collected only below subtrees that reach the maximum.
+  /// cached subtree maxima. accelerate keeps the names of every layer of that size and drops
+  /// those at or below each entry it pops, recomputing when none is left; only their number
+  /// matters, so it is kept as a count: a queue entry's subtree holds layer_count() of them
+  /// (the queue's entries are disjoint subtrees).
   void compute_max(bool with_tensors) {
     auto& q = w_.queue;
     byte_size best{};
@@ -846,63 +891,37 @@ class item_planner {
       else if (with_tensors)
         best = std::max(best, sz_.size(*it));
     }
-    // Kept sorted by pre-order position of the owning module, last first: the names below a
-    // popped entry are one contiguous range (erase_covered), and as the queue pops in pre-order
-    // that range is at the back, erased without moving the rest. Collected in that order: the
-    // queue from its back, each subtree's children last first.
-    auto& names = w_.max_names;
-    names.clear();
+    std::size_t count = 0;
     for (const id x : q) {
       if (!ix_.is_module(x)) {
-        if (with_tensors && sz_.size(x) == best) names.push_back(x);
+        if (with_tensors && sz_.size(x) == best) ++count;
       } else if (layer_max(x) == best) {
-        collect_layers(x, best);
+        count += layers_.count[x];
       }
     }
-    auto later_first = [&](id a, id b) { return name_key(a) > name_key(b); };
-    if (!std::is_sorted(names.begin(), names.end(), later_first))
-      std::sort(names.begin(), names.end(), later_first);
+    max_count_ = count;
+    tensors_counted_ = with_tensors;
+    w_.requeued.clear();
     max_layer_ = best;
   }
-  /// Appends the layers of size `best` in x's subtree (x's largest layer is `best`), last first.
-  void collect_layers(id x, byte_size best) {
-    if (ns_.flag[x] || !ix_.has_children(x)) {
-      // A layer: its size is its layer_max, which is `best` here.
-      w_.max_names.push_back(x);
-      return;
-    }
-    const auto& ch = nodes_[x].children;
-    for (auto c = ch.rbegin(); c != ch.rend(); ++c)
-      if (layer_max(static_cast<id>(*c)) == best) collect_layers(static_cast<id>(*c), best);
-  }
+  /// An item's order in names: the pre-order position of its module, then the item.
   std::pair<id, id> name_key(id x) const { return {ix_.position(ix_.module_of(x)), x}; }
-  /// Drops the names equal to or below x from the (sorted, last first) largest-layer names.
+  /// Drops the largest layers at or below the popped entry x from the count. An entry pushed
+  /// back without a recount (it went to the next device, or waits behind a fallback entry) had
+  /// its layers dropped when it was popped before.
   void erase_covered(id x) {
-    auto& names = w_.max_names;
-    if (names.empty()) return;
-    std::pair<id, id> lo, hi;
-    if (ix_.is_module(x)) {
-      lo = {ix_.position(x), 0};
-      hi = {ix_.subtree_end(x), 0};
-    } else {
-      lo = name_key(x);
-      hi = {lo.first, x + 1};
-    }
-    // The earliest name is at the back: nothing to erase when it lies after x's range (most
-    // steps).
-    const auto last = name_key(names.back());
-    if (last >= hi) return;
-    if (last >= lo) {  // the range is at the back (the entry itself was a largest layer)
-      while (!names.empty() && name_key(names.back()) < hi) names.pop_back();
+    auto& rq = w_.requeued;
+    if (auto it = std::find(rq.begin(), rq.end(), x); it != rq.end()) {
+      rq.erase(it);
       return;
     }
-    // Descending keys: [b, e) are the names with lo <= key < hi.
-    auto at_or_after = [&](id a, const std::pair<id, id>& k) { return name_key(a) >= k; };
-    auto b = std::lower_bound(names.begin(), names.end(), hi, at_or_after);
-    auto e = std::lower_bound(b, names.end(), lo, at_or_after);
-    names.erase(b, e);
+    std::size_t k = 0;
+    if (!ix_.is_module(x))
+      k = tensors_counted_ && sz_.size(x) == max_layer_ ? 1 : 0;
+    else if (layer_max(x) == max_layer_)
+      k = layers_.count[x];
+    max_count_ -= std::min(k, max_count_);
   }
-
   /// Tie groups relevant to entry x (some member strictly inside, not all), with accelerate's
   /// substring test compared for §9.1. Fills w_.tie_params; returns the groups for verbose.
   std::vector<const std::vector<std::string>*> relevant_ties(id x, const std::string& name,
@@ -1015,6 +1034,8 @@ class item_planner {
   plan_scratch& w_;
   bool verbose_;
   byte_size max_layer_;
+  std::size_t max_count_ = 0;     // largest layers still in the queue (accelerate's names)
+  bool tensors_counted_ = false;  // the count includes tensor entries of the queue
 };
 
 /// accelerate's fallback_allocate: the first entry (depth-first through splittable modules)
@@ -1198,13 +1219,18 @@ inline device_map item_planner::build_map_in_order(device_map& map) {
   if (root.below > 1 && !root.mixed) {
     map.append_new("", root.uniform);
   } else {
-    map.reserve(out.size());
-    for (const auto& k : out) {
-      if (ix_.is_module(k.item))
-        map.append_new(nodes_[k.item].path, k.target);
-      else
-        map.append_new(ix_.name(k.item), k.target);
-    }
+    // Module keys are the nodes' paths (no string built); tensor keys are joined into scratch.
+    auto& names = w_.map_names;
+    names.clear();
+    auto& joined = w_.joined;
+    joined.clear();
+    for (const auto& k : out)
+      if (!ix_.is_module(k.item)) joined.push_back(ix_.name(k.item));
+    std::size_t t = 0;
+    for (const auto& k : out)
+      names.push_back(ix_.is_module(k.item) ? std::string_view(nodes_[k.item].path)
+                                            : std::string_view(joined[t++]));
+    map.append_new_all(names, [&](std::size_t i) { return out[i].target; });
   }
   return std::move(map);
 }
@@ -1291,7 +1317,7 @@ inline plan_result item_planner::run() {
       say("Treating module " + name + ".");
     }
     erase_covered(x);
-    if (w_.max_names.empty()) compute_max(false);
+    if (max_count_ == 0) compute_max(false);
     const byte_size size = sz_.size(x);
 
     std::vector<const std::vector<std::string>*> groups;
@@ -1420,6 +1446,7 @@ inline plan_result item_planner::run() {
       id f = tree_index::none;
       if (fallback(limit2, x, f, rep)) {
         q.push_back(x);
+        w_.requeued.push_back(x);
         q.push_back(f);
         continue;
       }
@@ -1432,6 +1459,7 @@ inline plan_result item_planner::run() {
     reserved_set[cur] = 1;
     ++cur;
     q.push_back(x);
+    w_.requeued.push_back(x);
   }
 
   res.map = build_map();
