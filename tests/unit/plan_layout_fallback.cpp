@@ -161,6 +161,22 @@ sw::module_tree mixed_tree(bool fifth_key) {
   return t;
 }
 
+// One size key (float32 parameters), or two (and a bool buffer, one of zero elements).
+sw::module_tree few_keys_tree(bool bool_buffer) {
+  sw::module_tree t("Root");
+  t.add_parameter(0, {"w0", sw::shape{3}, sw::dtype::float32});
+  const auto a = t.add_child(0, "a", "Block");
+  t.add_parameter(a, {"w", sw::shape{4, 4}, sw::dtype::float32});
+  if (bool_buffer) t.add_buffer(a, {"mask", sw::shape{5}, sw::dtype::bool_, false});
+  const auto x = t.add_child(a, "x", "Lin");
+  t.add_parameter(x, {"weight", sw::shape{0, 3}, sw::dtype::float32});
+  const auto b = t.add_child(0, "b", "Block");
+  if (bool_buffer) t.add_buffer(b, {"empty", sw::shape{0}, sw::dtype::bool_, true});
+  t.add_parameter(t.add_child(b, "z", "Norm"), {"g", sw::shape{9}, sw::dtype::float32});
+  t.add_child(0, "c", "Empty");
+  return t;
+}
+
 void check_view(const sw::module_tree& t, std::optional<sw::dtype> target, sw::size_rule rule) {
   const sw::tree_index ix(t);
   REQUIRE(ix.preorder_is_identity());
@@ -194,9 +210,12 @@ TEST_CASE("the running sums give the computed sizes of every item", "[placement]
     for (const auto& target : targets) {
       INFO("rule " << static_cast<int>(rule) << ", dtype "
                    << (target ? sw::name(*target) : "none"));
-      // Any number of size keys: four and five.
+      // Any number of size keys (one, two, four, five), with bool buffers (fractional under
+      // accelerate's rule, a whole byte under Transformers') and zero-element tensors.
       check_view(mixed_tree(false), target, rule);
       check_view(mixed_tree(true), target, rule);
+      check_view(few_keys_tree(false), target, rule);
+      check_view(few_keys_tree(true), target, rule);
       for (const char* model : {"Llama-2-70b-hf", "Llama-3.1-405B"}) {
         INFO(model);
         check_view(llama(model), target, rule);

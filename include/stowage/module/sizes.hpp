@@ -239,8 +239,11 @@ class tree_index {
     // children's): a subtree ends one past its largest index, and the nodes are in pre-order
     // exactly when every subtree fills the range up to there. No branch per module.
     {
-      std::unique_ptr<id[]> count_v(new id[n_]);
-      id* count = count_v.get();
+      // On the stack for trees up to 2,048 modules (a 405B Llama has 1,645).
+      std::array<id, 2048> count_small;
+      std::unique_ptr<id[]> count_big;
+      if (n_ > count_small.size()) count_big.reset(new id[n_]);
+      id* count = count_big ? count_big.get() : count_small.data();
       for (std::size_t i = 0; i < n_; ++i) {
         mods[i].subtree_end = static_cast<id>(i + 1);
         count[i] = 1;
@@ -707,6 +710,8 @@ class size_view {
     const bool ok = bad == 0;
     if (!ok) return std::nullopt;
     if (first_rare != nt) {
+      v.buffer_at_.reserve(8);
+      v.buffer_sum_.reserve(8);
       std::int64_t buffers = 0;
       for (std::size_t k = first_rare; k < nt; ++k) {
         const flat_tensor& t = ts[k];

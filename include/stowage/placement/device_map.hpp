@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <concepts>
 #include <cstdint>
@@ -63,13 +64,16 @@ class device_map {
       entries_.emplace_back(std::string(std::string_view(name)), devices(i));
       ++i;
     }
-    std::vector<std::uint64_t> h(n);
-    for (std::size_t k = 0; k < n; ++k) h[k] = hash_of(entries_[base + k].first);
     const std::size_t mask = slots_.size() - 1;
-    for (std::size_t k = 0; k < n; ++k) {
-      std::size_t at = slot_of(h[k]);
-      while (slots_[at] != empty_) at = (at + 1) & mask;
-      slots_[at] = static_cast<std::uint32_t>(base + k);
+    std::array<std::uint64_t, 64> h;  // a batch of hashes at a time, on the stack
+    for (std::size_t k0 = 0; k0 < n; k0 += h.size()) {
+      const std::size_t m = std::min(h.size(), n - k0);
+      for (std::size_t k = 0; k < m; ++k) h[k] = hash_of(entries_[base + k0 + k].first);
+      for (std::size_t k = 0; k < m; ++k) {
+        std::size_t at = slot_of(h[k]);
+        while (slots_[at] != empty_) at = (at + 1) & mask;
+        slots_[at] = static_cast<std::uint32_t>(base + k0 + k);
+      }
     }
   }
   /// Appends a key the caller knows is not in the map yet.

@@ -509,12 +509,18 @@ class plan_context {
   /// so a first plan sizes a few dozen modules here, not the tree; the other entries are never
   /// read (and never written).
   struct layer_table {
+    struct entry {
+      std::int64_t eighths;
+      std::uint32_t count;  // its layers of that largest size
+      bool is_float;
+    };
     const detail::size_view* sizes;
     const split_info* split;
-    std::unique_ptr<std::int64_t[]> eighths;  // per module
-    std::unique_ptr<bool[]> is_float;
-    std::unique_ptr<std::uint32_t[]> count;  // per module: its layers of that largest size
-    byte_size at(id m) const noexcept { return byte_size::from_eighths(eighths[m], is_float[m]); }
+    std::unique_ptr<entry[]> entries;  // per module
+    byte_size at(id m) const noexcept {
+      return byte_size::from_eighths(entries[m].eighths, entries[m].is_float);
+    }
+    std::uint32_t count(id m) const noexcept { return entries[m].count; }
   };
   const layer_table& planning_layers(const detail::size_view& v, const split_info& ns) {
     shared& sh = *data_;
@@ -525,9 +531,7 @@ class plan_context {
     const tree_index& ix = sh.index;
     const std::size_t n = ix.modules();
     // Uninitialised on purpose: only the entries planning reads are written.
-    layer_table t{&v, &ns, std::unique_ptr<std::int64_t[]>(new std::int64_t[n]),
-                  std::unique_ptr<bool[]>(new bool[n]),
-                  std::unique_ptr<std::uint32_t[]>(new std::uint32_t[n])};
+    layer_table t{&v, &ns, std::unique_ptr<layer_table::entry[]>(new layer_table::entry[n])};
     const auto& nodes = tree().nodes();
     auto fill = [&](auto& self, id m) -> byte_size {
       byte_size b{};
@@ -536,9 +540,9 @@ class plan_context {
         const byte_size x = self(self, c);
         if (k == 0 || x > b) {
           b = x;
-          k = t.count[c];
+          k = t.count(c);
         } else if (x == b) {
-          k += t.count[c];
+          k += t.count(c);
         }
       };
       if (!ix.has_children(m) || ns.flag[m]) {
@@ -550,9 +554,7 @@ class plan_context {
       } else {
         for (std::size_t c : nodes[m].children) take(static_cast<id>(c));
       }
-      t.eighths[m] = b.eighths();
-      t.is_float[m] = b.is_float();
-      t.count[m] = k;
+      t.entries[m] = {b.eighths(), k, b.is_float()};
       return b;
     };
     for (std::size_t c : nodes[0].children) fill(fill, static_cast<id>(c));
@@ -896,7 +898,7 @@ class item_planner {
       if (!ix_.is_module(x)) {
         if (with_tensors && sz_.size(x) == best) ++count;
       } else if (layer_max(x) == best) {
-        count += layers_.count[x];
+        count += layers_.count(x);
       }
     }
     max_count_ = count;
@@ -919,7 +921,7 @@ class item_planner {
     if (!ix_.is_module(x))
       k = tensors_counted_ && sz_.size(x) == max_layer_ ? 1 : 0;
     else if (layer_max(x) == max_layer_)
-      k = layers_.count[x];
+      k = layers_.count(x);
     max_count_ -= std::min(k, max_count_);
   }
   /// Tie groups relevant to entry x (some member strictly inside, not all), with accelerate's
