@@ -763,8 +763,8 @@ class size_view {
   bool any_buffers() const noexcept { return any_buffers_; }
   /// accelerate's get_balanced_memory leaves (the lowest modules owning tensors) summed and
   /// counted, and Transformers' biggest leaf (the largest sum of tensors one non-root module owns
-  /// directly); from the layout, one pass over the modules, on first use (sequential plans
-  /// never ask).
+  /// directly); from the running sums, one pass over the modules, on first use (sequential
+  /// plans never ask).
   byte_size leaf_sum() const {
     leaf_stats();
     return leaf_sum_;

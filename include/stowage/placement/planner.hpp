@@ -368,8 +368,8 @@ class plan_context {
         .value;
   }
 
-  /// The same sizes as planning reads them (detail::size_view): from the tree's aggregates
-  /// when they apply (nothing computed per item), else from sizes(...).
+  /// The same sizes as planning reads them (detail::size_view): running sums over the index's
+  /// tensors when they apply (no per-item table), else from sizes(...).
   const detail::size_view& size_table(std::optional<stowage::dtype> d, const special_dtypes& sp,
                                       size_rule rule, const std::optional<precision::bnb_config>& q,
                                       quantized_size_estimate estimate,
