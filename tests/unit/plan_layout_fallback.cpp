@@ -89,6 +89,15 @@ void check_policy(const sw::module_tree& preorder, const sw::module_tree& shuffl
   check_same_report(a.report, b.report);
 }
 
+// All four built-in policies.
+void check_policies(const sw::module_tree& preorder, const sw::module_tree& shuffled,
+                    const sw::max_memory& budgets, const sw::plan_options& o) {
+  check_policy<sw::placement::sequential>(preorder, shuffled, budgets, o);
+  check_policy<sw::placement::balanced>(preorder, shuffled, budgets, o);
+  check_policy<sw::placement::balanced_low_0>(preorder, shuffled, budgets, o);
+  check_policy<sw::placement::auto_>(preorder, shuffled, budgets, o);
+}
+
 }  // namespace
 
 TEST_CASE("planning reads pre-order and shuffled node indices alike", "[placement][layout]") {
@@ -127,10 +136,7 @@ TEST_CASE("planning reads pre-order and shuffled node indices alike", "[placemen
           if (no_split)
             o.no_split = {with.node(with.find_module("model.layers.0").value()).class_name};
           o.dtype = dt;
-          check_policy<sw::placement::sequential>(with, without, budgets, o);
-          check_policy<sw::placement::balanced>(with, without, budgets, o);
-          check_policy<sw::placement::balanced_low_0>(with, without, budgets, o);
-          check_policy<sw::placement::auto_>(with, without, budgets, o);
+          check_policies(with, without, budgets, o);
         }
   }
 }
@@ -257,10 +263,7 @@ TEST_CASE("shuffled small trees plan like pre-order ones", "[placement][layout]"
           if (no_split) o.no_split = {"Block"};
           o.dtype = dt;
           o.fallback_allocation = true;
-          check_policy<sw::placement::sequential>(with, without, budgets, o);
-          check_policy<sw::placement::balanced>(with, without, budgets, o);
-          check_policy<sw::placement::balanced_low_0>(with, without, budgets, o);
-          check_policy<sw::placement::auto_>(with, without, budgets, o);
+          check_policies(with, without, budgets, o);
         }
   }
 }
@@ -426,10 +429,7 @@ TEST_CASE("nested no-split classes budget the largest instance of all",
           o.no_split = list;
           for (const auto& small : {sw::max_memory{{0, 250}, {1, 300}, {"cpu", 2000}},
                                     sw::max_memory{{0, 200}, {"cpu", 300}, {"disk", 5000}}}) {
-            check_policy<sw::placement::sequential>(tree, shuffled, small, o);
-            check_policy<sw::placement::balanced>(tree, shuffled, small, o);
-            check_policy<sw::placement::balanced_low_0>(tree, shuffled, small, o);
-            check_policy<sw::placement::auto_>(tree, shuffled, small, o);
+            check_policies(tree, shuffled, small, o);
             const auto r = sw::infer_device_map<sw::placement::sequential>(tree, small, o);
             for (std::size_t m = 1; m < tree.size(); ++m) {
               if (!in_list(list, tree.node(m).class_name)) continue;

@@ -122,20 +122,14 @@ constexpr std::int64_t rule_element_eighths(dtype d, bool is_buffer, std::option
 inline byte_size rule_tensor_size(const tensor_entry& t, bool is_buffer,
                                   std::optional<dtype> target, std::optional<dtype> special,
                                   size_rule rule) {
-  dtype d = t.dtype;
-  if (special) {
-    d = *special;
-  } else if (target && !is_integral(t.dtype) && !(rule == size_rule::transformers && is_buffer)) {
-    d = accelerate_size_eighths(*target) <= accelerate_size_eighths(t.dtype) ? *target : t.dtype;
-  }
+  // A special dtype replaces the tensor's and is not shrunk to the target.
+  const std::int64_t e = special ? rule_element_eighths(*special, is_buffer, std::nullopt, rule)
+                                 : rule_element_eighths(t.dtype, is_buffer, target, rule);
   // Element count with an overflow check by multiplication (shape::numel divides per
   // dimension, a measurable share of planning a 70B tree from scratch).
   std::int64_t numel = 1;
   for (std::int64_t dim : t.shape)
     if (__builtin_mul_overflow(numel, dim, &numel)) return byte_size(t.shape.numel());  // throws
-  if (rule == size_rule::transformers && d == dtype::bool_)
-    return byte_size(numel);  // torch's element_size() of bool is 1
-  const std::int64_t e = accelerate_size_eighths(d);
   return byte_size::from_eighths(numel * e, e % 8 != 0);
 }
 
@@ -569,8 +563,7 @@ inline item_sizes compute_item_sizes(const tree_index& ix,
       const auto& e = ts[k];
       const std::size_t key = (e.buffer ? 256u : 0u) + static_cast<std::size_t>(e.dtype);
       if (key != cached_key) {
-        const tensor_entry unit{"", shape{1}, e.dtype, true};
-        slot = detail::rule_tensor_size(unit, e.buffer, target, std::nullopt, rule).eighths();
+        slot = detail::rule_element_eighths(e.dtype, e.buffer, target, rule);
         slot_float = slot % 8 != 0;
         cached_key = key;
       }
@@ -626,10 +619,7 @@ inline item_sizes compute_item_sizes(const tree_index& ix,
         const dtype dt = ts[x - n].dtype;
         // Eighths per element of this dtype under the rule, looked up once per dtype.
         auto& slot = per_element[buf][static_cast<std::size_t>(dt)];
-        if (slot < 0) {
-          const tensor_entry unit{"", shape{1}, dt, true};
-          slot = detail::rule_tensor_size(unit, buf, target, std::nullopt, rule).eighths();
-        }
+        if (slot < 0) slot = detail::rule_element_eighths(dt, buf, target, rule);
         b = byte_size::from_eighths(numel * slot, slot % 8 != 0);
       }
       r.size[x] = b;

@@ -64,16 +64,11 @@ class device_map {
       entries_.emplace_back(std::string(std::string_view(name)), devices(i));
       ++i;
     }
-    const std::size_t mask = slots_.size() - 1;
     std::array<std::uint64_t, 64> h;  // a batch of hashes at a time, on the stack
     for (std::size_t k0 = 0; k0 < n; k0 += h.size()) {
       const std::size_t m = std::min(h.size(), n - k0);
       for (std::size_t k = 0; k < m; ++k) h[k] = hash_of(entries_[base + k0 + k].first);
-      for (std::size_t k = 0; k < m; ++k) {
-        std::size_t at = slot_of(h[k]);
-        while (slots_[at] != empty_) at = (at + 1) & mask;
-        slots_[at] = static_cast<std::uint32_t>(base + k0 + k);
-      }
+      for (std::size_t k = 0; k < m; ++k) place(static_cast<std::uint32_t>(base + k0 + k), h[k]);
     }
   }
   /// Appends a key the caller knows is not in the map yet.
@@ -244,9 +239,10 @@ class device_map {
       if (entries_[v].first == name) return v;
     }
   }
-  void place(std::uint32_t pos) {
+  void place(std::uint32_t pos) { place(pos, hash_of(entries_[pos].first)); }
+  void place(std::uint32_t pos, std::uint64_t hash) {
     const std::size_t mask = slots_.size() - 1;
-    std::size_t h = slot_of(hash_of(entries_[pos].first));
+    std::size_t h = slot_of(hash);
     while (slots_[h] != empty_) h = (h + 1) & mask;
     slots_[h] = pos;
   }
